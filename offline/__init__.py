@@ -1,0 +1,4 @@
+"""spinquant_offline: learn rotations, quantize weights, write and evaluate checkpoints.
+
+Never imports vLLM.
+"""

@@ -1,0 +1,1 @@
+"""spinquant_server: an OpenAI-compatible FastAPI server over vLLM or a CPU reference engine."""

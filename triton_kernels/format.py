@@ -1,0 +1,367 @@
+"""The SpinQuant-vLLM quantization format: the single source of truth.
+
+Everything that quantizes, packs, stores or reads 4-bit data (the offline
+pipeline, the Triton kernels, the vLLM plugin, the KV cache) takes its
+conventions from this module. It imports only torch.
+
+Conventions
+-----------
+* Integer codes are *centred*: a ``b``-bit code ``q`` lies in
+  ``[qmin(b), qmax(b)] = [-2**(b-1), 2**(b-1) - 1]`` (int4: [-8, 7]).
+  Asymmetric quantizers use the same code range with a zero point ``z``
+  (float, in code units):  ``x ~= scale * (q - z)``.  Symmetric ones have
+  ``z = 0``.  Centred codes keep partial sums of integer GEMMs small, which
+  matters for fp8 tensor-core accumulation (see DESIGN.md).
+* Weights: per output channel, symmetric, ``W (N, K) ~= scale[:, None] * q``.
+* Activations: per token (row), asymmetric min-max, dynamic.
+* KV cache: per (token, kv head), asymmetric min-max.
+* Packing (``pack_int4``): two codes per uint8 along the last (reduction)
+  dimension; element ``2j`` in the low nibble, ``2j + 1`` in the high nibble,
+  each as a 4-bit two's complement pattern.  ``(..., K) int8 -> (..., K/2) uint8``.
+* Scales are float32 on disk and in the reference path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "spinquant"
+SCALE_DTYPE = torch.float32
+PACKED_DTYPE = torch.uint8
+CODE_DTYPE = torch.int8
+# Smallest scale: keeps all-zero rows (padding tokens, dead channels) finite.
+MIN_SCALE = 1e-8
+
+
+# ----------------------------------------------------------------------------
+# bit widths
+# ----------------------------------------------------------------------------
+def qmin(bits: int) -> int:
+    """Smallest centred code of a ``bits``-bit integer (int4: -8)."""
+    _check_bits(bits)
+    return -(1 << (bits - 1))
+
+
+def qmax(bits: int) -> int:
+    """Largest centred code of a ``bits``-bit integer (int4: 7)."""
+    _check_bits(bits)
+    return (1 << (bits - 1)) - 1
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bit width must be an int in [2, 8], got {bits!r}")
+
+
+# ----------------------------------------------------------------------------
+# the config type
+# ----------------------------------------------------------------------------
+class Rotation(str, enum.Enum):
+    LEARNED = "learned"
+    HADAMARD = "hadamard"
+    NONE = "none"
+
+
+class WeightMethod(str, enum.Enum):
+    GPTQ = "gptq"
+    RTN = "rtn"
+
+
+class Preset(str, enum.Enum):
+    W4A4KV4 = "W4A4KV4"
+    W4A4KV16 = "W4A4KV16"
+    W4A16KV16 = "W4A16KV16"
+    W4A8KV4 = "W4A8KV4"
+
+    @property
+    def bits(self) -> tuple[int, int, int]:
+        """(weight_bits, act_bits, kv_bits)."""
+        w, rest = self.value[1:].split("A")
+        a, kv = rest.split("KV")
+        return int(w), int(a), int(kv)
+
+
+_SUPPORTED_WEIGHT_BITS = (4,)
+_SUPPORTED_ACT_BITS = (4, 8, 16)
+_SUPPORTED_KV_BITS = (4, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpinQuantConfig:
+    """How a checkpoint is quantized; written as ``quantization_config``.
+
+    The offline stage writes it into config.json, the vLLM plugin reads only
+    it. CLI flags are generated from the fields so each default exists once.
+    """
+
+    weight_bits: int = 4
+    act_bits: int = 4
+    kv_bits: int = 4
+    rotation: Rotation = Rotation.LEARNED
+    weight_method: WeightMethod = WeightMethod.GPTQ
+    # Online Hadamard R4 on the down_proj input: transform size (the
+    # intermediate size, or a divisor of it for tensor-parallel shards).
+    r4_size: int = 0
+    # Online Hadamard R3 on Q and K after RoPE (head_dim); 0 = not applied.
+    r3_size: int = 0
+    # Activation clipping ratio (1.0 = plain min-max) and KV clipping ratio.
+    act_clip: float = 1.0
+    kv_clip: float = 1.0
+    weight_granularity: str = "per_channel"
+    act_granularity: str = "per_token"
+    kv_granularity: str = "per_token_head"
+    weight_symmetric: bool = True
+    act_symmetric: bool = False
+    kv_symmetric: bool = False
+    pack_order: str = "low_nibble_first"
+    modules_not_quantized: tuple[str, ...] = ("embed_tokens", "lm_head")
+    version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rotation", Rotation(self.rotation))
+        object.__setattr__(self, "weight_method", WeightMethod(self.weight_method))
+        object.__setattr__(self, "modules_not_quantized", tuple(self.modules_not_quantized))
+        checks = [
+            ("weight_bits", self.weight_bits, _SUPPORTED_WEIGHT_BITS),
+            ("act_bits", self.act_bits, _SUPPORTED_ACT_BITS),
+            ("kv_bits", self.kv_bits, _SUPPORTED_KV_BITS),
+            ("version", self.version, (FORMAT_VERSION,)),
+            ("weight_granularity", self.weight_granularity, ("per_channel",)),
+            ("act_granularity", self.act_granularity, ("per_token",)),
+            ("kv_granularity", self.kv_granularity, ("per_token_head",)),
+            ("weight_symmetric", self.weight_symmetric, (True,)),
+            ("act_symmetric", self.act_symmetric, (False,)),
+            ("kv_symmetric", self.kv_symmetric, (False,)),
+            ("pack_order", self.pack_order, ("low_nibble_first",)),
+        ]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(
+                    f"SpinQuantConfig.{name} must be one of {list(allowed)}, got {value!r}")
+        for name in ("r3_size", "r4_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"SpinQuantConfig.{name} must be an int >= 0, got {v!r}")
+        for name in ("act_clip", "kv_clip"):
+            v = getattr(self, name)
+            if not 0.0 < float(v) <= 1.0:
+                raise ValueError(f"SpinQuantConfig.{name} must be in (0, 1], got {v!r}")
+
+    # -- presets --------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, preset: str | Preset, **kw: Any) -> "SpinQuantConfig":
+        w, a, kv = Preset(preset).bits
+        return cls(weight_bits=w, act_bits=a, kv_bits=kv, **kw)
+
+    @property
+    def preset(self) -> str:
+        return f"W{self.weight_bits}A{self.act_bits}KV{self.kv_bits}"
+
+    @property
+    def quantize_acts(self) -> bool:
+        return self.act_bits < 16
+
+    @property
+    def quantize_kv(self) -> bool:
+        return self.kv_bits < 16
+
+    # -- (de)serialisation ----------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"quant_method": QUANT_METHOD}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, enum.Enum):
+                v = v.value
+            elif isinstance(v, tuple):
+                v = list(v)
+            d[f.name] = v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SpinQuantConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"quantization_config must be a JSON object, got {type(d).__name__}")
+        method = d.get("quant_method")
+        if method != QUANT_METHOD:
+            raise ValueError(
+                f"quantization_config.quant_method must be {QUANT_METHOD!r}, got {method!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names - {"quant_method"})
+        if unknown:
+            raise ValueError(f"quantization_config has unknown keys {unknown}; "
+                             f"format version {FORMAT_VERSION} knows {sorted(names)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------
+# reference quantizers (plain PyTorch)
+# ----------------------------------------------------------------------------
+def asym_params(x: torch.Tensor, bits: int, clip: float = 1.0, dim: int = -1
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max asymmetric parameters over ``dim`` (kept as size 1).
+
+    Returns ``(scale, zero)`` in float32 with ``x ~= scale * (q - zero)`` and
+    ``q`` in ``[qmin, qmax]``. The range always includes 0 so that exact zeros
+    stay exact up to rounding of the zero point. ``zero`` is an integer-valued
+    float in ``[qmin, qmax]``.
+    """
+    xf = x.float()
+    lo = torch.clamp(xf.amin(dim=dim, keepdim=True), max=0.0) * clip
+    hi = torch.clamp(xf.amax(dim=dim, keepdim=True), min=0.0) * clip
+    levels = (1 << bits) - 1
+    scale = torch.clamp((hi - lo) / levels, min=MIN_SCALE)
+    # code qmin corresponds to value lo:  lo = scale * (qmin - zero)
+    zero = torch.clamp(torch.round(qmin(bits) - lo / scale), qmin(bits), qmax(bits))
+    return scale, zero
+
+
+def quantize_asym(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+                  ) -> torch.Tensor:
+    """Codes ``q = clamp(round(x / scale) + zero, qmin, qmax)`` as int8."""
+    q = torch.round(x.float() / scale) + zero
+    return torch.clamp(q, qmin(bits), qmax(bits)).to(CODE_DTYPE)
+
+
+def dequantize_asym(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``scale * (q - zero)`` in float32."""
+    return scale * (q.float() - zero)
+
+
+def sym_scale(x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0, dim: int = -1
+              ) -> torch.Tensor:
+    """Symmetric scale ``clip * absmax / qmax`` over ``dim`` (kept), float32."""
+    amax = x.float().abs().amax(dim=dim, keepdim=True) * clip
+    return torch.clamp(amax / qmax(bits), min=MIN_SCALE)
+
+
+def quantize_sym(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``q = clamp(round(x / scale), qmin, qmax)`` as int8."""
+    return torch.clamp(torch.round(x.float() / scale), qmin(bits), qmax(bits)).to(CODE_DTYPE)
+
+
+def dequantize_sym(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return scale * q.float()
+
+
+def fake_quant_asym(x: torch.Tensor, bits: int, clip: float = 1.0, dim: int = -1) -> torch.Tensor:
+    """Quantize-dequantize ``x`` (asymmetric min-max over ``dim``) in x's dtype."""
+    scale, zero = asym_params(x, bits, clip, dim)
+    return dequantize_asym(quantize_asym(x, scale, zero, bits), scale, zero).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# weights: per output channel, symmetric, MSE clip search
+# ----------------------------------------------------------------------------
+def weight_scale_mse(w: torch.Tensor, bits: int, grid: int = 100, max_shrink: float = 0.8,
+                     norm: float = 2.4) -> torch.Tensor:
+    """Per-row symmetric scale (N, 1) float32 chosen by a linear clip search.
+
+    For each output channel, tries clip ratios ``1, 1 - 1/grid, ...`` down to
+    ``1 - max_shrink`` and keeps the one with the smallest ``|w - wq|^norm``
+    error (the GPTQ / SpinQuant reference setting: grid 100, shrink 0.8, p 2.4).
+    """
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(w.shape)}")
+    wf = w.float()
+    best_err = torch.full((wf.shape[0], 1), float("inf"), device=w.device)
+    best = sym_scale(wf, bits)
+    for i in range(int(max_shrink * grid) + 1):
+        clip = 1.0 - i / grid
+        s = sym_scale(wf, bits, clip)
+        err = (dequantize_sym(quantize_sym(wf, s, bits), s) - wf).abs().pow(norm).sum(1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best
+
+
+def quantize_weight(w: torch.Tensor, bits: int = 4, mse: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN: ``(q (N, K) int8, scale (N,) float32)`` with ``w ~= scale[:, None] * q``."""
+    s = weight_scale_mse(w, bits) if mse else sym_scale(w, bits)
+    return quantize_sym(w, s, bits), s.squeeze(1).to(SCALE_DTYPE)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(N, K) int8, (N,) float32 -> (N, K) float32``."""
+    return q.float() * scale.float()[:, None]
+
+
+# ----------------------------------------------------------------------------
+# int4 packing
+# ----------------------------------------------------------------------------
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 codes along the last dim: ``(..., K) int8 -> (..., K/2) uint8``.
+
+    Element ``2j`` goes to the low nibble, ``2j + 1`` to the high nibble, each
+    as a 4-bit two's complement pattern. The input is not modified.
+    """
+    if q.dtype != CODE_DTYPE:
+        raise ValueError(f"pack_int4 expects int8 codes, got {q.dtype}")
+    if q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even last dimension, got {q.shape[-1]}")
+    if q.numel() and (int(q.min()) < qmin(4) or int(q.max()) > qmax(4)):
+        raise ValueError(f"int4 codes must lie in [{qmin(4)}, {qmax(4)}], "
+                         f"got range [{int(q.min())}, {int(q.max())}]")
+    u = q.to(torch.int16) & 0xF
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).to(PACKED_DTYPE)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: ``(..., K/2) uint8 -> (..., K) int8``."""
+    if p.dtype != PACKED_DTYPE:
+        raise ValueError(f"unpack_int4 expects uint8, got {p.dtype}")
+    u = p.to(torch.int16)
+    lo = u & 0xF
+    hi = (u >> 4) & 0xF
+    q = torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+    return torch.where(q >= 8, q - 16, q).to(CODE_DTYPE)
+
+
+# ----------------------------------------------------------------------------
+# activations: per token, asymmetric
+# ----------------------------------------------------------------------------
+def quantize_act(x: torch.Tensor, bits: int = 4, clip: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token asymmetric quantization of ``x (M, K)``.
+
+    Returns ``(q (M, K) int8, scale (M, 1) float32, zero (M, 1) float32)``
+    with ``x ~= scale * (q - zero)``.
+    """
+    scale, zero = asym_params(x, bits, clip, dim=-1)
+    return quantize_asym(x, scale, zero, bits), scale, zero
+
+
+# ----------------------------------------------------------------------------
+# KV cache: per (token, kv head), asymmetric
+# ----------------------------------------------------------------------------
+def quantize_kv(x: torch.Tensor, bits: int = 4, clip: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x (..., head_dim)`` -> codes int8 (same shape), scale and zero (..., 1) float32."""
+    scale, zero = asym_params(x, bits, clip, dim=-1)
+    return quantize_asym(x, scale, zero, bits), scale, zero
+
+
+# ----------------------------------------------------------------------------
+# the integer GEMM identity the kernels implement
+# ----------------------------------------------------------------------------
+def w4a4_matmul_ref(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor,
+                    qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """Reference of the W4A4 linear on codes, float32 result ``(M, N)``.
+
+    ``y = sx * sw * (qx @ qw.T - zx * colsum(qw))`` with ``qx (M, K)``,
+    ``qw (N, K)`` int8 codes, ``sx, zx (M, 1)``, ``sw (N,)``. The integer
+    product is exact in int64.
+    """
+    acc = qx.to(torch.int64) @ qw.to(torch.int64).T
+    colsum = qw.to(torch.int64).sum(dim=1)
+    return sx * sw.float()[None, :] * (acc.float() - zx * colsum.float()[None, :])
