@@ -124,9 +124,26 @@ class SpinQuantConfig:
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rotation", Rotation(self.rotation))
-        object.__setattr__(self, "weight_method", WeightMethod(self.weight_method))
+        for name, enum_cls in (("rotation", Rotation), ("weight_method", WeightMethod)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum_cls(value))
+            except ValueError:
+                raise ValueError(f"SpinQuantConfig.{name} must be one of "
+                                 f"{[e.value for e in enum_cls]}, got {value!r}") from None
+        if isinstance(self.modules_not_quantized, str):
+            raise ValueError("SpinQuantConfig.modules_not_quantized must be a list of names, "
+                             f"got the string {self.modules_not_quantized!r}")
         object.__setattr__(self, "modules_not_quantized", tuple(self.modules_not_quantized))
+        for name in ("weight_bits", "act_bits", "kv_bits", "version", "r3_size", "r4_size"):
+            v = getattr(self, name)
+            if type(v) is not int:
+                raise ValueError(f"SpinQuantConfig.{name} must be an int, got {v!r}")
+        for name in ("act_clip", "kv_clip"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"SpinQuantConfig.{name} must be a number, got {v!r}")
+            object.__setattr__(self, name, float(v))
         checks = [
             ("weight_bits", self.weight_bits, _SUPPORTED_WEIGHT_BITS),
             ("act_bits", self.act_bits, _SUPPORTED_ACT_BITS),
@@ -146,11 +163,11 @@ class SpinQuantConfig:
                     f"SpinQuantConfig.{name} must be one of {list(allowed)}, got {value!r}")
         for name in ("r3_size", "r4_size"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
+            if v < 0:
                 raise ValueError(f"SpinQuantConfig.{name} must be an int >= 0, got {v!r}")
         for name in ("act_clip", "kv_clip"):
             v = getattr(self, name)
-            if not 0.0 < float(v) <= 1.0:
+            if not 0.0 < v <= 1.0:
                 raise ValueError(f"SpinQuantConfig.{name} must be in (0, 1], got {v!r}")
 
     # -- presets --------------------------------------------------------------

@@ -23,7 +23,9 @@ import torch
 # Base orders this module builds (besides 1 and 2): for each, how.
 # Paley I (q prime power, q = 3 mod 4): 12 (11), 20 (19), 28 (27), 44 (43),
 # 60 (59), 108 (107), 140 (139).  Paley II (q = 1 mod 4): 36 (17), 52 (25),
-# 76 (37), 148 (73).  40 = 2 x 20 by doubling.
+# 76 (37), 148 (73).  40 = 2 x 20 by doubling.  156 = 4 * 39 (Goethals-Seidel,
+# sequences derived from a Williamson quadruple of order 13) and 172 = 4 * 43
+# (Williamson, Llama-2 7B's 11008 = 172 * 64): see _SEQUENCES.
 BASE_ORDERS = (12, 20, 28, 36, 40, 44, 52, 60, 76, 108, 140, 148, 156, 172)
 
 
@@ -170,14 +172,70 @@ def _goethals_seidel(a: list[int], b: list[int], c: list[int], d: list[int]) -> 
     ], 0)
 
 
+def _times_t3(a: str, b: str, c: str, d: str) -> tuple[str, str, str, str]:
+    """Goethals-Seidel sequences of length 3n from a Williamson quadruple of order n.
+
+    Cooper-Wallis product with the T-matrices of order 3 ``T_i = P^i``
+    (i = 0, 1, 2; T_4 = 0), P the cyclic shift: ``X_j = sum_i W_ji (x) T_i``
+    over the first three columns of the Williamson array W. As W has
+    orthogonal columns of symmetric commuting blocks and the T_i are disjoint
+    with ``sum T_i T_i^T = 3I``, ``sum_j X_j X_j^T = 4 * 3n * I``. The X_j are
+    group matrices of Z_n x Z_3, cyclic when gcd(n, 3) = 1, so position t of
+    the circulant row reads block ``t mod 3`` at index ``t mod n`` (CRT).
+    """
+    n = len(a)
+    if n % 3 == 0 or not len(a) == len(b) == len(c) == len(d):
+        raise ValueError(f"_times_t3 needs four sequences of one length coprime to 3, "
+                         f"got lengths {[len(a), len(b), len(c), len(d)]}")
+    neg = {"+": "-", "-": "+"}
+    # first three columns of the Williamson array used by _williamson, per row
+    # j: (sign, sequence) for column 0, 1, 2
+    rows = (((1, a), (1, b), (1, c)), ((-1, b), (1, a), (-1, d)),
+            ((-1, c), (1, d), (1, a)), ((-1, d), (-1, c), (1, b)))
+    out = []
+    for row in rows:
+        seq = []
+        for t in range(3 * n):
+            sign, s = row[t % 3]
+            ch = s[t % n]
+            seq.append(ch if sign > 0 else neg[ch])
+        out.append("".join(seq))
+    return tuple(out)
+
+
+# Symmetric Williamson quadruple of order 13, found by our exhaustive search
+# over symmetric +-1 first rows (a_0 = +1, 2^6 each, the fourth fixed by
+# Williamson's condition a_i b_i c_i d_i = -1) with sum of squared DFTs = 52.
+_WILLIAMSON_13 = ("++++-+--+-+++", "+-++------++-", "+-+---++---+-", "+--++----++--")
+
 # Orders with no Paley construction get four +-1 sequences (data, not a matrix)
-# consumed by a Williamson or Goethals-Seidel array; filled in by _SEQUENCES.
-_SEQUENCES: dict[int, tuple[str, tuple[str, str, str, str]]] = {}
+# consumed by a Williamson or Goethals-Seidel array. base_hadamard checks
+# H H^T = m I for every order built.
+_SEQUENCES: dict[int, tuple[str, tuple[str, str, str, str]]] = {
+    156: ("goethals_seidel", _times_t3(*_WILLIAMSON_13)),
+    # Symmetric Williamson quadruple of order 43 as listed (sign strings) in
+    # SageMath's williamson_type_quadruples_smallcases
+    # (src/sage/combinat/matrices/hadamard_matrix.py), which credits
+    # M. Hall, Combinatorial Theory, 2nd ed., Wiley. Row sums -5, 7, 7, 7.
+    172: ("williamson", (
+        "++---++++-+--+--++--------++--+--+-++++---+",
+        "+++-+-++--+-+-++++-+----+-++++-+-+--++-+-++",
+        "++-++++++----+-+--++-++-++--+-+----++++++-+",
+        "+---++--++++-+-+++-++--++-+++-+-++++--++---",
+    )),
+}
+
+
+def base_hadamard(m: int) -> torch.Tensor:
+    """Unnormalised +-1 Hadamard matrix of base order m, float64 (m, m).
+
+    A fresh tensor each call (the cached one must not be mutated by callers).
+    """
+    return _base_hadamard(m).clone()
 
 
 @functools.lru_cache(maxsize=None)
-def base_hadamard(m: int) -> torch.Tensor:
-    """Unnormalised +-1 Hadamard matrix of base order m, float64 (m, m)."""
+def _base_hadamard(m: int) -> torch.Tensor:
     if m == 1:
         return torch.ones(1, 1, dtype=torch.float64)
     if m == 2:
@@ -191,10 +249,11 @@ def base_hadamard(m: int) -> torch.Tensor:
     elif m % 4 == 0 and _prime_power(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
         H = _paley2(m // 2 - 1)
     elif m % 8 == 0 and m // 2 in BASE_ORDERS:
-        H = torch.kron(_sylvester(1), base_hadamard(m // 2))
+        H = torch.kron(_sylvester(1), _base_hadamard(m // 2))
     else:
+        supported = ", ".join(map(str, supported_base_orders()))
         raise ValueError(f"no Hadamard construction for base order {m}; "
-                         f"supported base orders: 1, 2, {', '.join(map(str, supported_base_orders()))}")
+                         f"supported base orders: 1, 2, {supported}")
     if not torch.equal(H @ H.T, m * torch.eye(m, dtype=torch.float64)):
         raise AssertionError(f"constructed matrix of order {m} is not Hadamard")
     return H
@@ -212,7 +271,7 @@ def supported_base_orders() -> list[int]:
 
 def decompose(n: int) -> tuple[int, int]:
     """``n = m * 2**k`` with the smallest supported base order m: returns (m, 2**k)."""
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"Hadamard order must be a positive int, got {n!r}")
     for m in (1,) + tuple(supported_base_orders()):
         if n % m == 0:
@@ -223,10 +282,11 @@ def decompose(n: int) -> tuple[int, int]:
                      f"{[1] + supported_base_orders()}")
 
 
-@functools.lru_cache(maxsize=32)
+# Small cache: an order-18944 matrix alone is 2.9 GB in float64.
+@functools.lru_cache(maxsize=4)
 def _hadamard_cpu(n: int) -> torch.Tensor:
     m, p = decompose(n)
-    return torch.kron(base_hadamard(m), _sylvester(int(math.log2(p))))
+    return torch.kron(_base_hadamard(m), _sylvester(int(math.log2(p))))
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64,
@@ -234,8 +294,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64,
                     ) -> torch.Tensor:
     """``H_n = H_m (x) H_{2^k}`` as (n, n); divided by sqrt(n) if ``normalized``."""
     H = _hadamard_cpu(n)
-    if normalized:
-        H = H / math.sqrt(n)
+    # never hand out the cached tensor itself (.to is a no-op for float64 CPU)
+    H = H / math.sqrt(n) if normalized else H.clone()
     return H.to(dtype=dtype, device=device)
 
 
@@ -280,6 +340,6 @@ def hadamard_transform_ref(x: torch.Tensor, n: int | None = None) -> torch.Tenso
     X = x.to(work).reshape(*x.shape[:-1], K // n, m, p)
     X = _fwht_last(X)
     if m > 1:
-        A = base_hadamard(m).to(dtype=work, device=x.device)
+        A = _base_hadamard(m).to(dtype=work, device=x.device)
         X = torch.einsum("...ab,ac->...cb", X, A)
     return (X.reshape(x.shape) / math.sqrt(n)).to(x.dtype)
