@@ -70,20 +70,48 @@ def learning_weight_bits(cfg: fmt.SpinQuantConfig) -> int | None:
     return None
 
 
+def save_rotations(path: str, R1: torch.Tensor, R2s: list[torch.Tensor], meta: dict | None = None) -> None:
+    """Write learned rotations (float64) to ``path`` atomically."""
+    import os
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save({"R1": R1.double().cpu(), "R2": torch.stack([r.double().cpu() for r in R2s]),
+                "meta": meta or {}}, tmp)
+    os.replace(tmp, path)
+
+
+def load_rotations(path: str, model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Rotations written by :func:`save_rotations`, checked against ``model``'s shapes."""
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    H, hd, L = model.config.hidden_size, rotation.head_dim(model), len(model.model.layers)
+    R1, R2 = d.get("R1"), d.get("R2")
+    if R1 is None or tuple(R1.shape) != (H, H):
+        raise ValueError(f"{path}: R1 must be ({H}, {H}), got {None if R1 is None else tuple(R1.shape)}")
+    if R2 is None or tuple(R2.shape) != (L, hd, hd):
+        raise ValueError(f"{path}: R2 must be ({L}, {hd}, {hd}), got {None if R2 is None else tuple(R2.shape)}")
+    return R1, list(R2.unbind(0))
+
+
 def build(model: nn.Module, tokenizer, cfg: fmt.SpinQuantConfig, opts: PipelineOptions,
-          calib_ids: torch.Tensor | None = None) -> tuple[nn.Module, fmt.SpinQuantConfig, dict]:
+          calib_ids: torch.Tensor | None = None,
+          rotations: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+          ) -> tuple[nn.Module, fmt.SpinQuantConfig, dict]:
     """Turn a loaded float model into the fake-quant SpinQuant model (in place).
 
     ``calib_ids (n, seqlen)`` defaults to ``opts.calib_samples`` windows of the
-    calibration text. Returns ``(model, resolved cfg, meta)``.
+    calibration text. ``rotations`` = ``(R1, R2s)`` learned earlier skips the
+    learning (``cfg.rotation`` must be ``learned``). Returns
+    ``(model, resolved cfg, meta)``.
     """
+    if rotations is not None and cfg.rotation != fmt.Rotation.LEARNED:
+        raise ValueError(f"precomputed rotations need rotation='learned', got {cfg.rotation.value!r}")
     from .data import calibration_windows
 
     rotation.check_supported(model)
     cfg = resolve_config(model, cfg)
     meta: dict = {"config": cfg.to_dict(), "options": dataclasses.asdict(opts), "timings_s": {}}
     g = torch.Generator().manual_seed(opts.seed)
-    need_calib = cfg.rotation == fmt.Rotation.LEARNED or cfg.weight_method == fmt.WeightMethod.GPTQ
+    learn = cfg.rotation == fmt.Rotation.LEARNED and rotations is None
+    need_calib = learn or cfg.weight_method == fmt.WeightMethod.GPTQ
     if calib_ids is None and need_calib:
         n = max(opts.calib_samples, opts.gptq_samples)
         calib_ids = calibration_windows(tokenizer, n, opts.seqlen, generator=g)
@@ -91,12 +119,15 @@ def build(model: nn.Module, tokenizer, cfg: fmt.SpinQuantConfig, opts: PipelineO
     rotation.fuse_norms(model)
     R1, R2s = rotation.init_rotations(model, cfg.rotation, g)
     fake_quant.install(model, cfg)
-    if cfg.rotation == fmt.Rotation.LEARNED:
+    if rotations is not None:
+        R1, R2s = rotations
+    elif learn:
         R1, R2s, hist = learn_rotations(
             model, cfg, calib_ids[:opts.calib_samples], steps=opts.steps, lr=opts.lr,
             batch_size=opts.batch_size, R1=R1, R2s=R2s,
             weight_fake_bits=learning_weight_bits(cfg), progress=opts.progress)
         meta["learning"] = hist
+    meta["rotations"] = (R1, R2s)
     meta["timings_s"]["rotation"] = time.time() - t0
     if cfg.rotation != fmt.Rotation.NONE:
         rotation.absorb_rotations(model, R1, R2s, cfg.r4_size)
@@ -108,13 +139,27 @@ def build(model: nn.Module, tokenizer, cfg: fmt.SpinQuantConfig, opts: PipelineO
 
 
 def quantize(model_path: str | None, out_dir: str, cfg: fmt.SpinQuantConfig,
-             opts: PipelineOptions = PipelineOptions(), overwrite: bool = False) -> dict:
-    """Load ``model_path`` (None: the bundled SmolLM2), build, and write a checkpoint."""
+             opts: PipelineOptions = PipelineOptions(), overwrite: bool = False,
+             rotations_path: str | None = None) -> dict:
+    """Load ``model_path`` (None: the bundled SmolLM2), build, and write a checkpoint.
+
+    ``rotations_path`` loads learned rotations (:func:`save_rotations`) instead
+    of learning them; with learning, the rotations are saved beside the
+    checkpoint as ``rotations.pt``.
+    """
+    import os
+
     from .checkpoint import save_checkpoint
     from .model import load_model
 
     model, tokenizer = load_model(model_path, dtype=torch.float32, device=opts.device)
-    model, cfg, meta = build(model, tokenizer, cfg, opts)
+    rots = None if rotations_path is None else load_rotations(rotations_path, model)
+    model, cfg, meta = build(model, tokenizer, cfg, opts, rotations=rots)
+    R1, R2s = meta.pop("rotations")
     meta["source_model"] = model_path or "bundled SmolLM2-135M-Instruct Q4_1 GGUF"
+    if rotations_path is not None:
+        meta["rotations_from"] = rotations_path
     save_checkpoint(out_dir, model, cfg, tokenizer, meta, overwrite=overwrite)
+    if cfg.rotation == fmt.Rotation.LEARNED:
+        save_rotations(os.path.join(out_dir, "rotations.pt"), R1, R2s, meta.get("learning"))
     return meta

@@ -179,6 +179,8 @@ def absorb_rotations(model: nn.Module, R1: torch.Tensor, R2s: list[torch.Tensor]
     if r4_size and model.config.intermediate_size % r4_size:
         raise ValueError(f"r4_size {r4_size} must divide intermediate_size {model.config.intermediate_size}")
     params = dict(model.named_parameters())
-    new = rotated_weights(model, base_weights(model), R1.double(), [r.double() for r in R2s], r4_size)
+    dev = model.model.embed_tokens.weight.device
+    new = rotated_weights(model, base_weights(model), R1.to(dev, torch.float64),
+                          [r.to(dev, torch.float64) for r in R2s], r4_size)
     for name, t in new.items():
         params[name].copy_(t.to(params[name].dtype))

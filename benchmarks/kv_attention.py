@@ -1,0 +1,384 @@
+"""Decode attention over the 4-bit KV cache: ours vs bf16 flash (and vLLM's int4 when importable).
+
+    python benchmarks/kv_attention.py [--out benchmarks/results] [--quick]
+
+For each head shape (Llama-3-8B: 32 q / 8 kv heads x 128; SmolLM2-135M: 9 / 3 x 64),
+batch 1 / 32 and context 1k / 4k / 16k it times on the same random data:
+
+* ``ours``: ``spinquant_kernels.attention.kv4_decode_attention`` with its
+  default settings (what the vLLM backend runs), plus a sweep of
+  ``num_splits`` / ``tile_n`` / ``num_warps`` / ``fold_zero`` for the Llama
+  shape (best recorded separately, to tune the defaults);
+* ``bf16_flash``: ``scaled_dot_product_attention`` on contiguous bf16 K/V with
+  the GQA group folded into the query length (exact for one decode token; the
+  fastest bf16 path torch offers, and a lower bound for a paged bf16 kernel);
+* ``vllm_int4``: vLLM 0.26's ``int4_per_token_head`` path (RHT on q, packed
+  attention, inverse RHT on the output, as TRITON_ATTN runs it) when vLLM imports.
+
+Times are GPU time per call from CUDA-graph replays with the L2 flushed
+before each call (``_bench``). It reports bytes moved and the bandwidth floor
+(3.0 TB/s, the measured H100 device copy rate, DESIGN.md), attention-output
+SQNR against fp32 attention on the unquantized K/V (ours and vLLM's), the cache
+write time, and both prefill paths (4-bit kernel, dequantize + varlen flash)
+against bf16 causal flash. Results: ``kv_attention_<gpu>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from spinquant_kernels import attention as at
+from spinquant_kernels import kv_cache as kc
+
+COPY_TBPS = 3.0  # measured device-to-device copy rate on this H100 (DESIGN.md)
+SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
+BLOCK = 16
+
+
+_FLUSH = {}
+
+
+def _bench(fn, reps: int = 20) -> float:
+    """Median GPU ms of ``fn`` with a cold L2, launch overhead excluded.
+
+    Two CUDA graphs of ``reps`` iterations, one ``[flush L2, fn]`` and one
+    ``[flush L2]``; the difference of their median replay times over ``reps``.
+    (Eager timing would add the Python launch overhead of every call, which is
+    larger than a decode kernel; vLLM replays decode steps as CUDA graphs.)
+    Falls back to ``triton.testing.do_bench`` if ``fn`` cannot be captured.
+    """
+    fn()
+    torch.cuda.synchronize()
+    dev = torch.cuda.current_device()
+    if dev not in _FLUSH:
+        _FLUSH[dev] = torch.empty(64 * 2 ** 20, dtype=torch.int32, device="cuda")  # 256 MB
+    buf = _FLUSH[dev]
+    try:
+        graphs = []
+        for with_fn in (True, False):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(reps):
+                    buf.zero_()
+                    if with_fn:
+                        fn()
+            graphs.append(g)
+    except RuntimeError as e:
+        print(f"graph capture failed ({e}); timing eagerly", file=sys.stderr)
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    times = ([], [])
+    for _ in range(7):
+        for i, g in enumerate(graphs):
+            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            st.record()
+            g.replay()
+            en.record()
+            torch.cuda.synchronize()
+            times[i].append(st.elapsed_time(en))
+    med = [sorted(t)[len(t) // 2] for t in times]
+    return max(0.0, (med[0] - med[1]) / reps)
+
+
+def _sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
+    ref, x = ref.double(), x.double()
+    return 10 * math.log10(float((ref ** 2).sum() / ((ref - x) ** 2).sum().clamp_min(1e-30)))
+
+
+def _make(B, L, Hq, Hkv, D, gen, dev):
+    """Random bf16 q/K/V (two outlier key channels, as real keys have), a shuffled paged layout."""
+    nblk = -(-L // BLOCK)
+    perm = torch.randperm(B * nblk, generator=gen, device=dev)
+    block_table = perm.reshape(B, nblk).to(torch.int32)
+    k = torch.randn(B, L, Hkv, D, generator=gen, device=dev, dtype=torch.bfloat16)
+    k[..., 5] *= 8.0
+    k[..., 17] *= -6.0
+    v = torch.randn(B, L, Hkv, D, generator=gen, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(B, Hq, D, generator=gen, device=dev, dtype=torch.bfloat16)
+    pos = torch.arange(L, device=dev)
+    slots = (block_table.long()[:, pos // BLOCK] * BLOCK + pos % BLOCK).reshape(-1)
+    return q, k, v, block_table, slots
+
+
+def _exact_fp32(q, k, v):
+    """fp32 attention of one decode token on the unquantized K/V: (B, Hq, D)."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[2]
+    qf = q.float().reshape(B, Hkv, Hq // Hkv, D)
+    return F.scaled_dot_product_attention(
+        qf, k.float().transpose(1, 2), v.float().transpose(1, 2),
+        scale=1 / math.sqrt(D)).reshape(B, Hq, D)
+
+
+def _bf16_flash(q, kt, vt):
+    """One decode token per sequence, GQA group folded into the query length."""
+    B, Hq, D = q.shape
+    Hkv = kt.shape[1]
+    qf = q.reshape(B, Hkv, Hq // Hkv, D)
+    return lambda: F.scaled_dot_product_attention(qf, kt, vt, scale=1 / math.sqrt(D))
+
+
+# ----------------------------------------------------------------------------
+# vLLM's int4_per_token_head (only when vLLM imports, i.e. on the lead's machine)
+# ----------------------------------------------------------------------------
+def _vllm_int4_runner(q, k, v, block_table, slots, L):
+    """Build vLLM's int4 cache for the same K/V and return (run, out) or raise ImportError."""
+    from vllm.v1.attention.ops.triton_reshape_and_cache_flash import (
+        triton_reshape_and_cache_flash_per_token_head_quant,
+    )
+    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    from vllm.v1.kv_cache_interface import KVQuantMode
+
+    B, Hq, D = q.shape
+    Hkv = k.shape[2]
+    nb = block_table.numel()
+    dev = q.device
+    padded = D // 2 + 4
+    # TRITON_ATTN's int4 layout: logical (blocks, kv_heads, block, 2*(D/2 + 4)) bytes,
+    # NHD physically; K/V views and float32 scale views carved as _ensure_scale_caches does
+    raw = torch.zeros(nb, BLOCK, Hkv, 2 * padded, dtype=torch.uint8, device=dev)
+    kv = raw.permute(0, 2, 1, 3)
+    key_cache, value_cache = kv.transpose(1, 2).split(padded, dim=-1)
+    base = torch.tensor([], dtype=torch.float32, device=dev).set_(raw.untyped_storage())
+    st = [s // 4 for s in kv.stride()]
+    k_scale = torch.as_strided(base, (nb, BLOCK, Hkv), (st[0], st[2], st[1]), D // 8)
+    v_scale = torch.as_strided(base, (nb, BLOCK, Hkv), (st[0], st[2], st[1]),
+                               (padded + D // 2) // 4)
+    triton_reshape_and_cache_flash_per_token_head_quant(
+        k.reshape(-1, Hkv, D), v.reshape(-1, Hkv, D), key_cache, value_cache, k_scale, v_scale,
+        slots, kv_quant_mode=KVQuantMode.INT4_PER_TOKEN_HEAD)
+    cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
+    seq_lens = torch.full((B,), L, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+    thr = max(1, 128 // Hkv)  # TritonAttentionMetadataBuilder.seq_threshold_3D
+    segs = 16
+    so = torch.empty(thr, Hq, segs, triton.next_power_of_2(D), dtype=torch.float32, device=dev)
+    sm = torch.empty(thr, Hq, segs, dtype=torch.float32, device=dev)
+    se = torch.empty(thr, Hq, segs, dtype=torch.float32, device=dev)
+
+    def run():
+        unified_attention(
+            q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu, max_seqlen_q=1,
+            seqused_k=seq_lens, max_seqlen_k=L, softmax_scale=1 / math.sqrt(D), causal=True,
+            alibi_slopes=None, use_alibi_sqrt=False, window_size=(-1, -1),
+            block_table=block_table, softcap=0, q_descale=None, k_descale=None, v_descale=None,
+            seq_threshold_3D=thr, num_par_softmax_segments=segs, softmax_segm_output=so,
+            softmax_segm_max=sm, softmax_segm_expsum=se, sinks=None, output_scale=None,
+            kv_quant_mode=KVQuantMode.INT4_PER_TOKEN_HEAD, k_scale_cache=k_scale,
+            v_scale_cache=v_scale)
+        return out
+
+    return run, out
+
+
+# ----------------------------------------------------------------------------
+# the runs
+# ----------------------------------------------------------------------------
+def decode_case(name, B, L, gen, dev, sweep: bool) -> dict:
+    Hq, Hkv, D = SHAPES[name]
+    q, k, v, bt, slots = _make(B, L, Hq, Hkv, D, gen, dev)
+    nb = bt.numel()
+    cache = kc.allocate_kv4_cache(nb, BLOCK, Hkv, D, dev)
+    kc.kv4_cache_write(k.reshape(-1, Hkv, D), v.reshape(-1, Hkv, D), cache, slots,
+                       hadamard=kc.hadamard_halves(D, D, torch.bfloat16, dev))
+    had = kc.hadamard_perm(D, D, torch.bfloat16, dev)
+    seq_lens = torch.full((B,), L, dtype=torch.int32, device=dev)
+    cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
+    sm_scale = 1 / math.sqrt(D)
+    out = torch.empty_like(q)
+    exact = _exact_fp32(q, k, v)
+
+    def ours(**kw):
+        return lambda: at.kv4_decode_attention(q, cache, bt, seq_lens, cu, sm_scale, out=out,
+                                               hadamard=had, **kw)
+
+    res = {"model": name, "batch": B, "context": L, "num_heads": Hq, "num_kv_heads": Hkv,
+           "head_dim": D, "default_num_splits": at.default_num_splits(B, Hkv)}
+    res["ours_ms"] = _bench(ours())
+    ours()()
+    res["ours_sqnr_db"] = _sqnr_db(exact, out.float())
+    res["ours_bytes"] = B * L * Hkv * 2 * kc.kv4_head_bytes(D)
+    kt, vt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    res["bf16_flash_ms"] = _bench(_bf16_flash(q, kt, vt))
+    res["bf16_bytes"] = B * L * Hkv * 2 * D * 2
+    del kt, vt
+    for key in ("ours", "bf16"):
+        t = res[f"{key}_ms" if key == "ours" else "bf16_flash_ms"] * 1e-3
+        res[f"{key}_tbps"] = res[f"{key}_bytes"] / t / 1e12
+        res[f"{key}_floor_ms"] = res[f"{key}_bytes"] / (COPY_TBPS * 1e12) * 1e3
+    if sweep:
+        grid = []
+        for splits in (None, 8, 32):
+            for tile in (64, 128):
+                for warps in (4, 8):
+                    for fold in (False, True):
+                        kw = dict(num_splits=splits, tile_n=tile, num_warps=warps, fold_zero=fold)
+                        grid.append(dict(kw, ms=_bench(ours(**kw))))
+        res["ours_sweep_best"] = min(grid, key=lambda r: r["ms"])
+        res["ours_sweep"] = grid
+    try:
+        run, vout = _vllm_int4_runner(q, k, v, bt, slots, L)
+        res["vllm_int4_ms"] = _bench(run)
+        run()
+        res["vllm_int4_sqnr_db"] = _sqnr_db(exact, vout.float())
+    except ImportError as e:
+        res["vllm_int4"] = f"not importable: {e}"
+    except (RuntimeError, TypeError, ValueError, AttributeError, AssertionError) as e:
+        # keep the other numbers of the run; the message says what broke
+        res["vllm_int4"] = f"failed: {type(e).__name__}: {e}"
+    return res
+
+
+def write_case(name, T, gen, dev) -> dict:
+    Hq, Hkv, D = SHAPES[name]
+    k = torch.randn(T, Hkv, D, generator=gen, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(T, Hkv, D, generator=gen, device=dev, dtype=torch.bfloat16)
+    nb = -(-T // BLOCK) + 1
+    slots = torch.randperm(nb * BLOCK, generator=gen, device=dev)[:T]
+    cache = kc.allocate_kv4_cache(nb, BLOCK, Hkv, D, dev)
+    had = kc.hadamard_halves(D, D, torch.bfloat16, dev)
+    bf = torch.zeros(nb * BLOCK, 2, Hkv, D, dtype=torch.bfloat16, device=dev)
+
+    def bf16_write():
+        bf[slots, 0] = k
+        bf[slots, 1] = v
+
+    return {"model": name, "tokens": T,
+            "ours_write_ms": _bench(lambda: kc.kv4_cache_write(k, v, cache, slots, hadamard=had)),
+            "bf16_index_put_ms": _bench(bf16_write)}
+
+
+def prefill_case(name, L, gen, dev) -> dict:
+    Hq, Hkv, D = SHAPES[name]
+    q, k, v, bt, slots = _make(1, L, Hq, Hkv, D, gen, dev)
+    cache = kc.allocate_kv4_cache(bt.numel(), BLOCK, Hkv, D, dev)
+    kc.kv4_cache_write(k.reshape(-1, Hkv, D), v.reshape(-1, Hkv, D), cache, slots,
+                       hadamard=kc.hadamard_halves(D, D, torch.bfloat16, dev))
+    had = kc.hadamard_perm(D, D, torch.bfloat16, dev)
+    qs = torch.randn(L, Hq, D, generator=gen, device=dev, dtype=torch.bfloat16)
+    sl = torch.tensor([L], dtype=torch.int32, device=dev)
+    cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
+    out = torch.empty_like(qs)
+    qt = qs.transpose(0, 1)[None]
+    kt = k[0].transpose(0, 1)[None].repeat_interleave(Hq // Hkv, 1)
+    vt = v[0].transpose(0, 1)[None].repeat_interleave(Hq // Hkv, 1)
+    res = {"model": name, "prompt": L, "ours_ms": _bench(lambda: at.kv4_prefill_attention(
+        qs, cache, bt, sl, cu, 1 / math.sqrt(D), L, out=out, hadamard=had)), "sweep": []}
+    for bm, tn, nw, fold in ((128, 32, 8, False), (128, 32, 8, True), (64, 32, 4, False),
+                             (128, 64, 8, False), (64, 64, 4, True)):
+        ms = _bench(lambda: at.kv4_prefill_attention(
+            qs, cache, bt, sl, cu, 1 / math.sqrt(D), L, out=out, hadamard=had, block_m=bm,
+            tile_n=tn, num_warps=nw, fold_zero=fold))
+        res["sweep"].append({"block_m": bm, "tile_n": tn, "num_warps": nw, "fold_zero": fold,
+                             "ms": ms})
+    hf = kc.hadamard_full(D, D, torch.bfloat16, dev)
+    try:
+        res["ours_dense_ms"] = _bench(lambda: at.kv4_prefill_attention_dense(
+            qs, cache, bt, sl, cu, 1 / math.sqrt(D), L, L, total_kv_tokens=L, out=out,
+            hadamard=hf))
+    except (RuntimeError, ValueError, TypeError) as e:
+        # keep the other numbers; the message says what broke
+        res["ours_dense_ms"] = float("nan")
+        res["ours_dense_error"] = f"{type(e).__name__}: {e}"
+    res["bf16_flash_causal_ms"] = _bench(lambda: F.scaled_dot_product_attention(
+        qt, kt, vt, is_causal=True, scale=1 / math.sqrt(D)))
+    return res
+
+
+def _markdown(r: dict) -> str:
+    lines = [f"# Decode attention over the 4-bit KV cache ({r['device']})", "",
+             f"torch {r['torch']}, triton {r['triton']}; vLLM int4: {r['vllm']}. "
+             "GPU ms per call: median over CUDA-graph replays with a cold L2 (launch overhead "
+             "excluded). Floor = bytes / 3.0 TB/s.", "",
+             "| model | batch | context | ours ms | ours floor | ours TB/s | bf16 flash ms | "
+             "bf16 floor | vLLM int4 ms | ours / bf16 | SQNR ours dB | SQNR vLLM dB | "
+             "sweep best ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for d in r["decode"]:
+        vl = d.get("vllm_int4_ms")
+        vq = d.get("vllm_int4_sqnr_db")
+        best = d.get("ours_sweep_best", {}).get("ms")
+        lines.append(
+            f"| {d['model']} | {d['batch']} | {d['context']} | {d['ours_ms']:.4f} | "
+            f"{d['ours_floor_ms']:.4f} | {d['ours_tbps']:.2f} | {d['bf16_flash_ms']:.4f} | "
+            f"{d['bf16_floor_ms']:.4f} | {'-' if vl is None else f'{vl:.4f}'} | "
+            f"{d['ours_ms'] / d['bf16_flash_ms']:.2f} | {d['ours_sqnr_db']:.1f} | "
+            f"{'-' if vq is None else f'{vq:.1f}'} | {'-' if best is None else f'{best:.4f}'} |")
+    lines += ["", "## Cache write (fused R3 + int4 + paged store) vs a bf16 index_put", "",
+              "| model | tokens | ours ms | bf16 index_put ms |", "|---|---|---|---|"]
+    for w in r["write"]:
+        lines.append(f"| {w['model']} | {w['tokens']} | {w['ours_write_ms']:.4f} | "
+                     f"{w['bf16_index_put_ms']:.4f} |")
+    lines += ["", "## Prefill (fresh prompt, K/V read back from the 4-bit cache) "
+              "vs bf16 causal flash",
+              "", "| model | prompt | ours ms (default) | best of sweep ms (config) | "
+              "ours dense ms (dequant + varlen flash) | bf16 flash causal ms |",
+              "|---|---|---|---|---|---|"]
+    for p in r["prefill"]:
+        b = min(p["sweep"], key=lambda x: x["ms"])
+        cfg = f"bm{b['block_m']} tn{b['tile_n']} w{b['num_warps']} fold{int(b['fold_zero'])}"
+        lines.append(f"| {p['model']} | {p['prompt']} | {p['ours_ms']:.3f} | "
+                     f"{b['ms']:.3f} ({cfg}) | {p['ours_dense_ms']:.3f} | "
+                     f"{p['bf16_flash_causal_ms']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--quick", action="store_true", help="Llama-3-8B shape only, no sweep")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kv_attention benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    try:
+        import vllm
+        vllm_ver = vllm.__version__
+    except ImportError:
+        vllm_ver = "not installed"
+    r = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+         "triton": triton.__version__, "vllm": vllm_ver, "python": platform.python_version(),
+         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+         "decode": [], "write": [], "prefill": []}
+    models = ["llama3-8b"] if args.quick else list(SHAPES)
+    os.makedirs(args.out, exist_ok=True)
+    tag = r["device"].replace(" ", "_").replace("/", "_")
+    path = os.path.join(args.out, f"kv_attention_{tag}")
+
+    def save():  # after every case, so a run cut short keeps what it measured
+        with open(path + ".json", "w") as f:
+            json.dump(r, f, indent=1)
+        with open(path + ".md", "w") as f:
+            f.write(_markdown(r))
+
+    for name in models:
+        for B in (1, 32):
+            for L in (1024, 4096, 16384):
+                d = decode_case(name, B, L, gen, dev, sweep=not args.quick and name == "llama3-8b")
+                print(json.dumps({k: v for k, v in d.items() if k != "ours_sweep"}), flush=True)
+                r["decode"].append(d)
+                save()
+                torch.cuda.empty_cache()
+        for T in (32, 8192):
+            r["write"].append(write_case(name, T, gen, dev))
+            print(json.dumps(r["write"][-1]), flush=True)
+        r["prefill"].append(prefill_case(name, 4096, gen, dev))
+        print(json.dumps(r["prefill"][-1]), flush=True)
+        save()
+    print(_markdown(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The linear method of ``spinquant``: 4-bit weights in GPU memory, W4A4 GEMMs.
+
+Three jobs (STYLE.md section 6):
+
+* :meth:`SpinQuantLinearMethod.create_weights` registers the checkpoint
+  tensors with vLLM's tensor-parallel-aware parameter classes;
+* :meth:`SpinQuantLinearMethod.process_weights_after_loading` prepares them
+  through :func:`spinquant_kernels.linear.prepare_w4` and picks the kernel
+  backend (:func:`spinquant_kernels.linear.can_implement`);
+* :meth:`SpinQuantLinearMethod.apply` is one call of
+  ``torch.ops.spinquant.w4ax_linear`` (fused block Hadamard for down_proj,
+  per-token activation quantization, integer GEMM, scales, bias).
+
+Parameters per layer, on rank r of a tensor-parallel group of size t
+(``N_r = sum(output_partition_sizes)``, ``K_r = input_size_per_partition``):
+
+* ``qweight`` (N_r, K_r/2) uint8, :class:`PackedvLLMParameter` packed along
+  the input dim (two int4 codes per byte, ``format.pack_int4``). Column-parallel
+  layers (qkv_proj with shard ids q/k/v, gate_up_proj with shard ids 0/1) take
+  the rows of their shard; row-parallel layers (o_proj, down_proj) take bytes
+  ``[r * K_r/2, (r + 1) * K_r/2)`` of every row, i.e. input columns
+  ``[r * K_r, (r + 1) * K_r)``.
+* ``weight_scale`` (N_r,) float32, :class:`ChannelQuantScaleParameter`
+  (sliced like the rows of qweight; whole on row-parallel layers).
+* after loading: ``weight_rowsum`` (N_r,) int32, the zero-point correction.
+
+R4 and tensor parallelism: the online Hadamard on the down_proj input is
+block-diagonal with blocks of ``r4_size`` over the intermediate dimension
+(the offline stage absorbs the same block-diagonal matrix into W_down), so a
+rank holding ``intermediate / t`` consecutive columns applies the same blocks
+to its slice iff ``(intermediate / t) % r4_size == 0``. Otherwise the layer
+refuses to build, naming the sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from spinquant_kernels import format as fmt
+from spinquant_kernels.linear import BACKENDS, can_implement, prepare_w4
+from vllm.config import get_current_vllm_config_or_none
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import (
+    LinearMethodBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.parameter import ChannelQuantScaleParameter, PackedvLLMParameter
+from vllm.model_executor.utils import set_weight_attrs
+
+from . import ops  # noqa: F401  (registers torch.ops.spinquant.w4ax_linear)
+from .config import R4_PROJECTIONS, SpinQuantVllmConfig
+
+logger = init_logger(__name__)
+
+# Comma-separated backend priority list overriding spinquant_kernels.linear.BACKENDS,
+# e.g. SPINQUANT_VLLM_BACKENDS=reference to compare against the PyTorch path.
+BACKENDS_ENV = "SPINQUANT_VLLM_BACKENDS"
+PACK_FACTOR = 2  # int4 codes per uint8
+
+
+def backend_priority() -> tuple[str, ...]:
+    """Backends to try, in order (``BACKENDS`` unless overridden by the environment)."""
+    env = os.environ.get(BACKENDS_ENV, "").strip()
+    if not env:
+        return BACKENDS
+    chosen = tuple(b.strip() for b in env.split(",") if b.strip())
+    unknown = [b for b in chosen if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"{BACKENDS_ENV}={env!r} names unknown backends {unknown}; known: {list(BACKENDS)}")
+    return chosen
+
+
+def choose_backend(device: torch.device, act_bits: int, K: int, N: int, had_size: int,
+                   backends: tuple[str, ...] | None = None) -> tuple[str, list[str]]:
+    """First backend that can run this linear, and the refusal reasons of those before it.
+
+    Raises ``ValueError`` with every refusal reason when none can.
+    """
+    reasons = []
+    for b in backend_priority() if backends is None else backends:
+        ok, why = can_implement(b, device, act_bits, K, N, had_size)
+        if ok:
+            return b, reasons
+        reasons.append(why)
+    raise ValueError(f"no spinquant backend can run this linear (act_bits={act_bits}, K={K}, "
+                     f"N={N}, had_size={had_size}, device={device}): " + "; ".join(reasons))
+
+
+def _expected_shards(layer: torch.nn.Module) -> tuple:
+    """Shard ids the checkpoint feeds this layer one by one (``(None,)``: one whole tensor)."""
+    if isinstance(layer, QKVParallelLinear):
+        return ("q", "k", "v")
+    if isinstance(layer, MergedColumnParallelLinear):
+        return tuple(range(len(layer.output_sizes)))
+    return (None,)
+
+
+def _checks_loaded_shards() -> bool:
+    """False under ``--load-format dummy``, which fills weights without the loaders."""
+    vc = get_current_vllm_config_or_none()
+    load_format = getattr(getattr(vc, "load_config", None), "load_format", None)
+    return str(getattr(load_format, "value", load_format)) != "dummy"
+
+
+@register_weight_loader_v2_supported_method
+class SpinQuantLinearMethod(LinearMethodBase):
+    """W4A{act_bits} linear of one vLLM layer (one instance per layer).
+
+    Args:
+        quant_config: the parsed checkpoint config.
+        prefix: the layer's vLLM name (``model.layers.0.mlp.down_proj``);
+            its last component decides whether the R4 Hadamard applies.
+    """
+
+    def __init__(self, quant_config: SpinQuantVllmConfig, prefix: str) -> None:
+        self.quant_config = quant_config
+        self.prefix = prefix
+        cfg = quant_config.cfg
+        self.act_bits = cfg.act_bits
+        self.is_r4 = prefix.rpartition(".")[2] in R4_PROJECTIONS
+        self.had_size = cfg.r4_size if self.is_r4 else 0
+        self.backend: str | None = None
+        self._expected_shards: tuple = (None,)
+        self._loaded: dict[str, set] | None = None
+        self._check_loaded = False
+
+    # ------------------------------------------------------------------
+    def _check_shapes(self, layer: torch.nn.Module, K: int, N: int, input_size: int) -> None:
+        tp = getattr(layer, "tp_size", None) or get_tensor_model_parallel_world_size()
+        if K % PACK_FACTOR:
+            raise ValueError(
+                f"spinquant: {self.prefix} holds K={K} input columns per rank (input_size "
+                f"{input_size}, tensor parallel size {tp}); two int4 codes share a byte, so K "
+                "must be even")
+        if self.had_size and K % self.had_size:
+            raise ValueError(
+                f"spinquant: {self.prefix}: the online Hadamard R4 is block-diagonal with "
+                f"r4_size={self.had_size} over the intermediate dimension ({input_size}); with "
+                f"tensor parallel size {tp} each rank holds {K} columns, which r4_size must "
+                f"divide ({K} % {self.had_size} = {K % self.had_size}). Use a tensor parallel "
+                f"size t with ({input_size} / t) % {self.had_size} == 0, or re-quantize with an "
+                f"r4_size that divides {K} (the offline stage absorbs the same blocks)")
+        # Structural checks of the kernel package (act_bits, had_size order):
+        # the reference backend accepts every shape the format allows.
+        ok, why = can_implement("reference", torch.device("cpu"), self.act_bits, K, N, self.had_size)
+        if not ok:
+            raise ValueError(f"spinquant: {self.prefix}: {why}")
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        """Register ``qweight`` (N_r, K_r/2) uint8 and ``weight_scale`` (N_r,) float32 on ``layer``."""
+        weight_loader = extra_weight_attrs.pop("weight_loader")
+        K = input_size_per_partition
+        N = sum(output_partition_sizes)
+        self._check_shapes(layer, K, N, input_size)
+        self._expected_shards = _expected_shards(layer)
+        self._loaded: dict[str, set] = {"qweight": set(), "weight_scale": set()}
+        self._check_loaded = _checks_loaded_shards()
+
+        qweight = PackedvLLMParameter(
+            data=torch.empty(N, K // PACK_FACTOR, dtype=fmt.PACKED_DTYPE),
+            input_dim=1,
+            output_dim=0,
+            packed_dim=1,
+            packed_factor=PACK_FACTOR,
+            weight_loader=self._tracking(weight_loader, "qweight"),
+        )
+        weight_scale = ChannelQuantScaleParameter(
+            data=torch.empty(N, dtype=fmt.SCALE_DTYPE),
+            output_dim=0,
+            weight_loader=self._tracking(weight_loader, "weight_scale"),
+        )
+        layer.register_parameter("qweight", qweight)
+        layer.register_parameter("weight_scale", weight_scale)
+        set_weight_attrs(qweight, extra_weight_attrs)
+        set_weight_attrs(weight_scale, extra_weight_attrs)
+        layer.spinquant_shape = (N, K)
+
+    def _tracking(self, loader, name: str):
+        """Wrap vLLM's loader to record which shards of ``name`` the checkpoint provided."""
+
+        @functools.wraps(loader)
+        def load(param, loaded_weight, *args, **kwargs):
+            loader(param, loaded_weight, *args, **kwargs)
+            shard = args[0] if args else kwargs.get("loaded_shard_id")
+            self._loaded[name].update(shard if isinstance(shard, tuple) else (shard,))
+
+        return load
+
+    def _check_all_loaded(self) -> None:
+        # vLLM's loader checks for missing tensors only in unquantized models;
+        # an unloaded shard here would be serving torch.empty() memory.
+        for name, got in self._loaded.items():
+            if None in got:  # fused on disk: one tensor for all shards
+                continue
+            missing = [s for s in self._expected_shards if s not in got]
+            if missing:
+                parts = missing if missing != [None] else ["(whole tensor)"]
+                raise ValueError(f"spinquant: the checkpoint did not provide {self.prefix}.{name} "
+                                 f"for shard(s) {parts}; got shards {sorted(map(str, got))}")
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Prepare the loaded weight for the kernels and choose the backend."""
+        if self._check_loaded and self._loaded is not None:
+            self._check_all_loaded()
+            # later calls (weight reloads) replace whole tensors; check once
+            self._loaded = None
+        packed = prepare_w4(layer.qweight.data, layer.weight_scale.data)
+        N, K = layer.spinquant_shape
+        if (packed.N, packed.K) != (N, K):
+            raise ValueError(f"spinquant: {self.prefix}: prepared weight is {packed.N}x{packed.K}, "
+                             f"expected {N}x{K}")
+        # Plain parameters from here on: the tensors the op reads, with
+        # fixed addresses for CUDA graphs.
+        for name, t in (("qweight", packed.qweight), ("weight_scale", packed.scale),
+                        ("weight_rowsum", packed.rowsum)):
+            if name in layer._parameters:
+                del layer._parameters[name]
+            layer.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+
+        self.backend, refused = choose_backend(packed.device, self.act_bits, K, N, self.had_size)
+        if refused:
+            logger.warning("spinquant: %s (%dx%d, act_bits=%d, had_size=%d) runs on backend %r; "
+                           "refused before it: %s", self.prefix, N, K, self.act_bits,
+                           self.had_size, self.backend, "; ".join(refused))
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (..., K_r)`` bf16/fp16 -> ``(..., N_r)`` in x.dtype (bias added when given)."""
+        return torch.ops.spinquant.w4ax_linear(
+            x, layer.qweight, layer.weight_scale, layer.weight_rowsum,
+            self.act_bits, self.had_size, bias, self.backend)

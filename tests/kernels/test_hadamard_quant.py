@@ -1,0 +1,145 @@
+"""hadamard_quant against its plain-PyTorch twin.
+
+Codes may differ from the float32 reference by +-1 where x / scale lands
+within rounding error of a .5 tie (the kernel sums the Hadamard in another
+order): the fraction of such codes is bounded, and the dequantized output must
+keep an SQNR floor against the exact transform.
+"""
+
+import math
+
+import pytest
+import torch
+
+from spinquant_kernels import format as fmt
+from spinquant_kernels.hadamard import hadamard_transform_ref
+from spinquant_kernels.hadamard_quant import (
+    hadamard_only, hadamard_only_ref, hadamard_quant, hadamard_quant_ref, hadamard_quant_supported)
+
+# Fraction of codes allowed to differ by one step (rounding ties); none may differ by more.
+MAX_TIE_FRACTION = 2e-3
+# Dequantized SQNR floors in dB for zero-mean Gaussian rows (min-max, per token):
+# ~6 dB per bit minus the loss of a min-max range (~ +-4.2 sigma at K = 14336).
+# A mean offset is not Gaussian after the Hadamard: it lands in one coefficient
+# per block (sqrt(n) * mean) and widens the range, so rows with an offset are
+# only held to the reference's own SQNR (the kernel may lose 0.05 dB to ties).
+SQNR_FLOOR = {4: 12.0, 8: 34.0}
+SQNR_SLACK_DB = 0.05
+
+
+def _codes(q, bits):
+    return fmt.unpack_int4(q) if bits == 4 else q
+
+
+def _sqnr_db(ref, test):
+    noise = (ref - test).pow(2).sum()
+    return 10 * math.log10(ref.pow(2).sum().item() / max(noise.item(), 1e-30))
+
+
+def _check(x, had, bits, clip=1.0):
+    q, s, z = hadamard_quant(x, had, bits, clip)
+    qr, sr, zr = hadamard_quant_ref(x, had, bits, clip)
+    M, K = x.shape
+    assert q.shape == qr.shape and q.dtype == qr.dtype
+    assert s.shape == (M, 1) and z.shape == (M, 1) and s.dtype == torch.float32
+    torch.testing.assert_close(s, sr, rtol=1e-5, atol=0)
+    assert torch.equal(z, torch.round(z)), "zero point must be integer-valued"
+    zdiff = (z - zr).abs()
+    assert zdiff.max().item() <= 1, f"zero points differ by {zdiff.max().item()}"
+    # a tie in the zero point (round(qmin - lo / s)) shifts a whole row's codes by one:
+    # bound such rows, and compare the centred codes (q - zero), which it leaves alone
+    assert (zdiff > 0).float().mean().item() <= 0.02, f"{int((zdiff > 0).sum())} of {M} zero points differ"
+    c, cr = _codes(q, bits).int(), _codes(qr, bits).int()
+    diff = ((c - z.int()) - (cr - zr.int())).abs()
+    where = diff.nonzero()[:3].tolist()
+    detail = f"first at (row, k) {where}; x/scale there: " + str(
+        [(x.float()[i, j] / s[i, 0]).item() for i, j in where] if not had else "")
+    assert diff.max().item() <= 1, f"centred codes differ by {diff.max().item()} (> 1); {detail}"
+    frac = (diff > 0).float().mean().item()
+    assert frac <= MAX_TIE_FRACTION, f"{frac:.2e} of codes differ from the reference; {detail}"
+    xt = hadamard_transform_ref(x.double(), had).float() if had else x.float()
+    db = _sqnr_db(xt, fmt.dequantize_asym(c, s, z))
+    db_ref = _sqnr_db(xt, fmt.dequantize_asym(cr, sr, zr))
+    assert db >= db_ref - SQNR_SLACK_DB, f"SQNR {db:.2f} dB vs the reference's {db_ref:.2f} dB"
+    if abs(x.float().mean().item()) < 0.05 * x.float().std().item():
+        assert db >= SQNR_FLOOR[bits], f"SQNR {db:.1f} dB below {SQNR_FLOOR[bits]}"
+    return q, s, z
+
+
+# ---------------------------------------------------------------------------
+# CPU (TRITON_INTERPRET=1), small sizes
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("M,K,had", [
+    (1, 64, 0), (3, 192, 0), (17, 576, 0), (3, 64, 64), (1, 256, 128),
+    (3, 576, 576), (2, 384, 192), (2, 1536, 1536), (17, 448, 448),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_hadamard_quant_small(M, K, had, dtype, bits):
+    g = torch.Generator().manual_seed(M * 1000 + K + had)
+    x = (torch.randn(M, K, generator=g) * 3 + 0.5).to(dtype)
+    _check(x, had, bits)
+
+
+def test_hadamard_quant_clip_and_zero_rows():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 192, generator=g).to(torch.bfloat16)
+    x[2] = 0  # a padding token: scale floors at MIN_SCALE, codes are the zero point
+    _check(x, 0, 4, clip=0.9)
+    q, s, z = hadamard_quant(x, 192, 4)
+    assert s[2].item() == torch.tensor(fmt.MIN_SCALE, dtype=torch.float32).item()
+    assert torch.equal(fmt.unpack_int4(q)[2].float(), z[2].expand(192))
+
+
+def test_hadamard_quant_all_positive_rows():
+    # the range always includes 0: an all-positive row maps 0 to qmin
+    x = torch.linspace(1, 2, 128).repeat(3, 1).to(torch.float32)
+    q, s, z = hadamard_quant(x, 0, 4)
+    assert torch.equal(z, torch.full_like(z, fmt.qmin(4)))
+    _check(x, 0, 4)
+
+
+@pytest.mark.parametrize("had", [0, 192])
+def test_unpacked_int4_codes(had):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 384, generator=g).to(torch.bfloat16)
+    q, s, z = hadamard_quant(x, had, 4)
+    qu, su, zu = hadamard_quant(x, had, 4, pack=False)
+    assert qu.dtype == torch.int8 and qu.shape == (3, 384)
+    assert torch.equal(fmt.pack_int4(qu), q) and torch.equal(s, su) and torch.equal(z, zu)
+    qr, _, _ = hadamard_quant_ref(x, had, 4, pack=False)
+    assert qr.dtype == torch.int8 and qr.shape == (3, 384)
+
+
+def test_hadamard_only_matches_reference():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 576, generator=g)
+    torch.testing.assert_close(hadamard_only(x, 576), hadamard_only_ref(x, 576), rtol=1e-5, atol=1e-5)
+
+
+def test_supported_and_errors():
+    assert hadamard_quant_supported(14336, 14336, 4)[0]
+    ok, why = hadamard_quant_supported(96, 96, 4)  # 12 x 8: power-of-two part below 16
+    assert not ok and "16" in why
+    with pytest.raises(ValueError, match="divide"):
+        hadamard_quant(torch.zeros(2, 64), 48, 4)
+    with pytest.raises(ValueError, match="bits"):
+        hadamard_quant(torch.zeros(2, 64), 0, 3)
+    with pytest.raises(ValueError, match="even"):
+        hadamard_quant(torch.zeros(2, 63), 0, 4)
+
+
+# ---------------------------------------------------------------------------
+# GPU, real sizes (same command on the H100)
+# ---------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 257, 4096])
+@pytest.mark.parametrize("K,had", [(4096, 0), (14336, 14336), (4096, 4096), (1536, 1536),
+                                   (576, 576), (14336, 0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_hadamard_quant_gpu(M, K, had, dtype, bits):
+    g = torch.Generator().manual_seed(M + K)
+    x = (torch.randn(M, K, generator=g) * 2).to(dtype).cuda()
+    _check(x, had, bits)
+    _check(x + 0.25, had, bits)  # a mean offset: held to the reference's SQNR

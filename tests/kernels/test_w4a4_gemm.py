@@ -1,0 +1,228 @@
+"""W4A4 / W4A8 / W4A16 GEMMs: bit-exact integer paths against format.w4a4_matmul_ref."""
+
+import math
+
+import pytest
+import torch
+
+from spinquant_kernels import format as fmt
+from spinquant_kernels.linear import prepare_w4, prepare_w4_ref
+from spinquant_kernels.w4a4_gemm import (
+    w4a4_gemm, w4a4_gemm_ref, w4a4_matmul_exact, w4a16_gemm, w4a16_gemm_ref)
+
+
+def _weight(N, K, g, device="cpu", fill=None):
+    if fill is None:
+        qw = torch.randint(fmt.qmin(4), fmt.qmax(4) + 1, (N, K), generator=g, dtype=torch.int8)
+    else:
+        qw = torch.full((N, K), fill, dtype=torch.int8)
+    sw = torch.rand(N, generator=g) + 0.05
+    return qw.to(device), prepare_w4(fmt.pack_int4(qw).to(device), sw.to(device))
+
+
+def _acts(M, K, bits, g, device="cpu", dtype=torch.float32):
+    x = (torch.randn(M, K, generator=g) * 2 + 0.3).to(dtype).to(device)
+    q, s, z = fmt.quantize_act(x.float(), bits)
+    return q, (fmt.pack_int4(q) if bits == 4 else q), s, z
+
+
+def test_pack_roundtrip_and_rowsum():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (7, 38), generator=g, dtype=torch.int8)
+    p = fmt.pack_int4(q)
+    assert torch.equal(fmt.unpack_int4(p), q)
+    sw = torch.rand(7, generator=g)
+    w, wr = prepare_w4(p, sw), prepare_w4_ref(p, sw)
+    assert torch.equal(w.rowsum, q.int().sum(1).int()) and torch.equal(w.rowsum, wr.rowsum)
+    assert torch.equal(w.qweight, p) and w.K == 38 and w.N == 7
+
+
+# ---------------------------------------------------------------------------
+# CPU (TRITON_INTERPRET=1): small tiles, shapes that straddle them
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("M,K,N", [(1, 64, 33), (3, 192, 70), (17, 576, 48), (16, 128, 32), (33, 96, 31)])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemm_exact_small(M, K, N, bits):
+    g = torch.Generator().manual_seed(M * 7 + K + N)
+    qw, w = _weight(N, K, g)
+    q, qa, s, z = _acts(M, K, bits, g)
+    y = w4a4_gemm(qa, s, z, w, torch.float32)
+    assert torch.equal(y, fmt.w4a4_matmul_ref(q, s, z, qw, w.scale))
+    bias = torch.randn(N, generator=g).to(torch.bfloat16)
+    yb = w4a4_gemm(qa, s, z, w, torch.float32, bias=bias)
+    assert torch.equal(yb, w4a4_gemm_ref(qa, s, z, w, torch.float32, bias=bias))
+    # bf16 output: the interpreter truncates to bfloat16 where the GPU rounds (one ulp)
+    y16 = w4a4_gemm(qa, s, z, w, torch.bfloat16, bias=bias)
+    torch.testing.assert_close(y16.float(), yb, rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("split,K", [(2, 320), (3, 192), (4, 64)])
+@pytest.mark.parametrize("mma", ["int8", "fp8"])
+def test_gemm_split_k_small(split, K, mma):
+    # K/2 = 160 bytes over BLOCK_K = 32: 5 iterations split 2 (3 + 2), 3 split 3,
+    # 1 split 4 (three splits with nothing to add); called twice: the workspace
+    # must be clean again after each call
+    g = torch.Generator().manual_seed(split * 100 + K)
+    N, M = 70, 17
+    qw, w = _weight(N, K, g)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SPLIT_K": split}
+    for _ in range(2):
+        q, qa, s, z = _acts(M, K, 4, g)
+        y = w4a4_gemm(qa, s, z, w, torch.float32, mma=mma, config=cfg)
+        assert torch.equal(y, fmt.w4a4_matmul_ref(q, s, z, qw, w.scale))
+    from spinquant_kernels.w4a4_gemm import _workspace
+    ws, cnt = _workspace(torch.device("cpu"))
+    assert not ws.any() and not cnt.any()
+
+
+def test_gemm_worst_case_codes_small():
+    # all codes -8: the largest partial sums (64 * K) that int4 codes can make
+    K, N, M = 256, 32, 3
+    g = torch.Generator().manual_seed(3)
+    qw, w = _weight(N, K, g, fill=-8)
+    q = torch.full((M, K), -8, dtype=torch.int8)
+    s, z = torch.ones(M, 1), torch.zeros(M, 1)
+    y = w4a4_gemm(fmt.pack_int4(q), s, z, w, torch.float32)
+    assert torch.equal(y, fmt.w4a4_matmul_ref(q, s, z, qw, w.scale))
+
+
+def test_gemm_unpacked_int4_activations():
+    # int4 codes one per byte (hadamard_quant(pack=False)) take the int8 path
+    g = torch.Generator().manual_seed(8)
+    qw, w = _weight(40, 192, g)
+    q, qa, s, z = _acts(5, 192, 4, g)
+    y = w4a4_gemm(q, s, z, w, torch.float32)
+    assert torch.equal(y, fmt.w4a4_matmul_ref(q, s, z, qw, w.scale))
+    with pytest.raises(ValueError, match="fp8"):
+        w4a4_gemm(q, s, z, w, torch.float32, mma="fp8")
+
+
+def test_gemm_tuple_weight_and_errors():
+    g = torch.Generator().manual_seed(4)
+    qw, w = _weight(32, 64, g)
+    q, qa, s, z = _acts(2, 64, 4, g)
+    y = w4a4_gemm(qa, s, z, (w.qweight, w.scale, w.rowsum), torch.float32)
+    assert torch.equal(y, fmt.w4a4_matmul_ref(q, s, z, qw, w.scale))
+    with pytest.raises(ValueError, match="qx must be"):
+        w4a4_gemm(qa[:, :16], s, z, w)
+    with pytest.raises(ValueError, match="sx must be"):
+        w4a4_gemm(qa, s[:1], z, w)
+    with pytest.raises(ValueError, match="mma must be"):
+        w4a4_gemm(qa, s, z, w, mma="int4")
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 64, 33), (17, 192, 40)])
+def test_w4a16_small(M, K, N):
+    g = torch.Generator().manual_seed(5)
+    _, w = _weight(N, K, g)
+    x = torch.randn(M, K, generator=g).to(torch.float16)
+    y = w4a16_gemm(x, w, torch.float32)
+    torch.testing.assert_close(y, w4a16_gemm_ref(x, w, torch.float32), rtol=1e-4, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------
+# GPU, real sizes: both MMA flavours, autotuned tiles
+# ---------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("mma", ["int8", "fp8"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("M,K,N", [(1, 4096, 6144), (16, 14336, 4096), (100, 4096, 4096),
+                                   (2048, 4096, 28672), (4096, 14336, 4096)])
+def test_gemm_exact_gpu(M, K, N, bits, mma):
+    if mma == "fp8" and bits == 8:
+        pytest.skip("e4m3 holds int4 codes exactly, not int8 codes: fp8 is refused for W4A8")
+    g = torch.Generator().manual_seed(M + K + N)
+    qw, w = _weight(N, K, g, "cuda")
+    q, qa, s, z = _acts(M, K, bits, g, "cuda")
+    y = w4a4_gemm(qa, s, z, w, torch.float32, mma=mma)
+    assert torch.equal(y, w4a4_matmul_exact(q, s, z, qw, w.scale))
+    bias = torch.randn(N, generator=g).to(torch.bfloat16).cuda()
+    yb = w4a4_gemm(qa, s, z, w, torch.bfloat16, bias=bias, mma=mma)
+    assert torch.equal(yb, w4a4_gemm_ref(qa, s, z, w, torch.bfloat16, bias=bias))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("M", [1, 16])
+def test_gemm_split_k_gpu(M, split):
+    K, N = 4096, 4096
+    g = torch.Generator().manual_seed(10 + split)
+    qw, w = _weight(N, K, g, "cuda")
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 8, "SPLIT_K": split,
+           "num_warps": 4, "num_stages": 3}
+    for _ in range(3):  # the workspace cleans itself between calls
+        q, qa, s, z = _acts(M, K, 4, g, "cuda")
+        y = w4a4_gemm(qa, s, z, w, torch.float32, config=cfg)
+        assert torch.equal(y, w4a4_matmul_exact(q, s, z, qw, w.scale))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [16, 2048])
+def test_gemm_unpacked_gpu(M):
+    K, N = 4096, 6144
+    g = torch.Generator().manual_seed(9)
+    qw, w = _weight(N, K, g, "cuda")
+    q, qa, s, z = _acts(M, K, 4, g, "cuda")
+    y = w4a4_gemm(q, s, z, w, torch.float32)
+    assert torch.equal(y, w4a4_matmul_exact(q, s, z, qw, w.scale))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mma", ["int8", "fp8"])
+@pytest.mark.parametrize("M", [1, 2048])
+def test_gemm_worst_case_gpu(mma, M):
+    # DESIGN.md: Hopper's fp8 accumulation lost precision on large partial sums;
+    # all codes -8 at K = 14336 make the largest ones (917,504)
+    K, N = 14336, 4096
+    g = torch.Generator().manual_seed(6)
+    qw, w = _weight(N, K, g, "cuda", fill=-8)
+    q = torch.full((M, K), -8, dtype=torch.int8, device="cuda")
+    s = torch.ones(M, 1, device="cuda")
+    z = torch.zeros(M, 1, device="cuda")
+    y = w4a4_gemm(fmt.pack_int4(q), s, z, w, torch.float32, mma=mma)
+    assert torch.equal(y, w4a4_matmul_exact(q, s, z, qw, w.scale))
+    # the integer product itself: 64 * K in every entry
+    assert torch.equal(y, w.scale[None, :].expand(M, N) * (64.0 * K))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 1024])
+def test_w4a16_gpu(M):
+    g = torch.Generator().manual_seed(7)
+    _, w = _weight(4096, 4096, g, "cuda")
+    x = torch.randn(M, 4096, generator=g).to(torch.bfloat16).cuda()
+    y = w4a16_gemm(x, w, torch.float32)
+    torch.testing.assert_close(y, w4a16_gemm_ref(x, w, torch.float32), rtol=1e-3, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------
+# decode path: quantization inside the GEMM
+# ---------------------------------------------------------------------------
+def _quant_gemm_check(M, K, N, g, device, config=None, clip=1.0):
+    from spinquant_kernels.hadamard_quant import hadamard_quant
+    from spinquant_kernels.w4a4_gemm import w4a4_quant_gemm, w4a4_quant_gemm_ref
+    _, w = _weight(N, K, g, device)
+    x = (torch.randn(M, K, generator=g) * 2 + 0.3).to(torch.bfloat16).to(device)
+    bias = torch.randn(N, generator=g).to(device)
+    y = w4a4_quant_gemm(x, w, torch.float32, bias=bias, clip=clip, config=config)
+    # bit-identical to the two-kernel path (same codes, same exact GEMM)
+    q, s, z = hadamard_quant(x, 0, 4, clip)
+    assert torch.equal(y, w4a4_gemm(q, s, z, w, torch.float32, bias=bias, config=config))
+    # against format.quantize_act: equal but for rare rounding ties of single codes
+    yr = w4a4_quant_gemm_ref(x, w, torch.float32, bias=bias, clip=clip)
+    assert (y != yr).float().mean().item() <= 0.02
+    noise = (y - yr).pow(2).sum().item()
+    assert noise == 0 or 10 * math.log10(yr.pow(2).sum().item() / noise) >= 30
+
+
+@pytest.mark.parametrize("M,K,N,split", [(1, 64, 33, 1), (3, 192, 70, 2), (16, 576, 48, 3)])
+def test_quant_gemm_small(M, K, N, split):
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SPLIT_K": split}
+    _quant_gemm_check(M, K, N, torch.Generator().manual_seed(M + K), "cpu", cfg, clip=0.9 if split == 2 else 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("K,N", [(4096, 6144), (4096, 28672), (14336, 4096)])
+def test_quant_gemm_gpu(M, K, N):
+    _quant_gemm_check(M, K, N, torch.Generator().manual_seed(M + N), "cuda")

@@ -1,0 +1,225 @@
+"""Attention over the 4-bit paged cache: Triton decode / prefill kernels vs their references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spinquant_kernels import attention as at
+from spinquant_kernels import kv_cache as kc
+from spinquant_kernels.hadamard import hadamard_transform_ref
+
+
+# the Triton interpreter (CPU runs) converts loop bounds through numpy scalars
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Conversion of an array with ndim:DeprecationWarning")
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sqnr_db(x, y):
+    x, y = x.double(), y.double()
+    return 10 * math.log10(float((x ** 2).sum() / ((x - y) ** 2).sum().clamp_min(1e-30)))
+
+
+def _paged(seq_lens, Hkv, D, bs, gen, dev, had=None, dtype=torch.float32, spare_blocks=3):
+    """A shuffled paged cache holding random K/V for each sequence; returns the raw K/V too."""
+    S = len(seq_lens)
+    max_blocks = max(1, max(-(-L // bs) for L in seq_lens))
+    nb = S * max_blocks + spare_blocks
+    perm = torch.randperm(nb, generator=gen)[:S * max_blocks]
+    block_table = perm.reshape(S, max_blocks).to(torch.int32)
+    cache = kc.allocate_kv4_cache(nb, bs, Hkv, D, dev)
+    raw = []
+    for i, L in enumerate(seq_lens):
+        k = torch.randn(L, Hkv, D, generator=gen)
+        v = torch.randn(L, Hkv, D, generator=gen)
+        pos = torch.arange(L)
+        slots = block_table[i].long()[pos // bs] * bs + pos % bs
+        kc.kv4_cache_write_ref(k.to(dev, dtype), v.to(dev, dtype), cache, slots.to(dev),
+                               had_size=had)
+        raw.append((k, v))
+    return cache, block_table.to(dev), torch.tensor(seq_lens, dtype=torch.int32, device=dev), raw
+
+
+def _cu(q_lens, dev):
+    cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(q_lens).cumsum(0)
+    return cu.to(dev)
+
+
+DECODE_CASES = [
+    # (Hkv, Hq, D, seq_lens, num_splits, min_split, fold_zero)
+    (3, 9, 64, [1, 15, 16, 17, 40], 1, 1, False),   # SmolLM2 GQA; lengths straddle block / tile
+    (3, 9, 64, [1, 15, 16, 17, 40], 4, 1, False),   # split context + reduce (some splits empty)
+    (3, 9, 64, [1, 15, 16, 17, 40], 4, 1, True),    # zero point folded out of the unpack
+    (2, 8, 128, [33, 64, 65, 0], 2, 128, False),    # min_split: one live split; empty sequence
+    (1, 1, 128, [70], 8, 1, True),                   # MHA, more splits than tiles
+]
+
+
+@pytest.mark.parametrize("Hkv,Hq,D,seq_lens,splits,min_split,fold", DECODE_CASES)
+def test_decode_matches_reference(Hkv, Hq, D, seq_lens, splits, min_split, fold):
+    g = torch.Generator().manual_seed(len(seq_lens) * 7 + D + splits)
+    dev = _device()
+    cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, dev)
+    S = len(seq_lens)
+    q = torch.randn(S, Hq, D, generator=g).to(dev)
+    cu = _cu([1] * S, dev)
+    scale = 1 / math.sqrt(D)
+    out = at.kv4_decode_attention(q, cache, bt, sl, cu, scale, num_splits=splits, tile_n=16,
+                                  min_split=min_split, fold_zero=fold)
+    ref = at.kv4_decode_attention_ref(q, cache, bt, sl, cu, scale)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_skips_padding_entries():
+    """q_len 0 entries (CUDA-graph padding) leave their rows untouched; others are right."""
+    g = torch.Generator().manual_seed(2)
+    dev = _device()
+    cache, bt, sl, _ = _paged([20, 0, 9], 1, 64, 16, g, dev)
+    q = torch.randn(2, 3, 64, generator=g).to(dev)
+    cu = torch.tensor([0, 1, 1, 2], dtype=torch.int32, device=dev)
+    out = torch.full_like(q, 7.0)
+    at.kv4_decode_attention(q, cache, bt, sl, cu, 0.125, out=out, num_splits=2, tile_n=16,
+                            min_split=1)
+    ref = at.kv4_decode_attention_ref(q, cache, bt, sl, cu, 0.125)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+PREFILL_CASES = [
+    # (Hkv, Hq, D, seq_lens, q_lens, fold_zero)
+    (3, 9, 64, [5, 40, 33, 1], [5, 7, 33, 1], False),   # fresh prompt, context + chunk, GQA 3
+    (2, 4, 128, [50, 17], [20, 16], True),
+]
+
+
+@pytest.mark.parametrize("Hkv,Hq,D,seq_lens,q_lens,fold", PREFILL_CASES)
+def test_prefill_matches_reference(Hkv, Hq, D, seq_lens, q_lens, fold):
+    g = torch.Generator().manual_seed(sum(seq_lens) + D)
+    dev = _device()
+    cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, dev)
+    q = torch.randn(sum(q_lens), Hq, D, generator=g).to(dev)
+    cu = _cu(q_lens, dev)
+    scale = 1 / math.sqrt(D)
+    out = at.kv4_prefill_attention(q, cache, bt, sl, cu, scale, max(q_lens), block_m=32, tile_n=16,
+                                   fold_zero=fold)
+    ref = at.kv4_prefill_attention_ref(q, cache, bt, sl, cu, scale, max(q_lens))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_prefill_equals_decode_on_last_token():
+    g = torch.Generator().manual_seed(9)
+    dev = _device()
+    cache, bt, sl, _ = _paged([23, 31], 3, 64, 16, g, dev)
+    q = torch.randn(2, 9, 64, generator=g).to(dev)
+    cu = _cu([1, 1], dev)
+    a = at.kv4_prefill_attention(q, cache, bt, sl, cu, 0.125, 1, block_m=16, tile_n=16)
+    b = at.kv4_decode_attention(q, cache, bt, sl, cu, 0.125, num_splits=2, tile_n=16, min_split=1)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_end_to_end_sqnr_against_unquantized_attention():
+    """Write (R3 + int4) then attend: close to fp32 attention on the original K/V."""
+    g = torch.Generator().manual_seed(4)
+    dev = _device()
+    Hkv, Hq, D, L = 3, 9, 64, 48
+    cache, bt, sl, raw = _paged([L], Hkv, D, 16, g, dev)
+    q = torch.randn(1, Hq, D, generator=g)
+    out = at.kv4_decode_attention(q.to(dev), cache, bt, sl, _cu([1], dev), 1 / math.sqrt(D),
+                                  num_splits=1, tile_n=16).cpu()
+    k, v = raw[0]
+    ref = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(3, 0),
+        v.transpose(0, 1).repeat_interleave(3, 0)).transpose(0, 1)
+    assert _sqnr_db(ref, out) > 15.0
+
+
+def test_attention_rejects_bad_inputs():
+    cache = kc.allocate_kv4_cache(2, 16, 2, 64, "cpu")
+    bt = torch.zeros(1, 2, dtype=torch.int32)
+    sl = torch.tensor([5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        at.kv4_decode_attention(torch.zeros(1, 3, 64), cache, bt, sl, _cu([1], "cpu"), 1.0)
+    with pytest.raises(ValueError, match="num_seqs"):
+        at.kv4_decode_attention(torch.zeros(1, 4, 64), cache, bt, sl, _cu([1, 1], "cpu"), 1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        at.kv4_decode_attention(torch.zeros(1, 4, 64), cache, bt, sl, _cu([1], "cpu"), 1.0,
+                                num_splits=3)
+
+
+# ----------------------------------------------------------------------------
+# GPU: real sizes in bf16
+# ----------------------------------------------------------------------------
+def _bf16_sdpa_error(q, cache, bt, sl, cu, scale, ref):
+    """Error of bf16 sdpa on the dequantized cache: the tolerance yardstick."""
+    out = torch.empty_like(ref)
+    D = q.shape[2]
+    cul = cu.tolist()
+    for i, L in enumerate(sl.tolist()):
+        a, b = cul[i], cul[i + 1]
+        k, v = kc.kv4_cache_gather_ref(cache, bt[i], L, D)
+        qr = hadamard_transform_ref(q[a:b].float(), D).bfloat16()
+        rep = q.shape[1] // k.shape[1]
+        n = b - a
+        qpos = torch.arange(L - n, L, device=q.device)
+        mask = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]
+        o = F.scaled_dot_product_attention(
+            qr.transpose(0, 1), k.bfloat16().transpose(0, 1).repeat_interleave(rep, 0),
+            v.bfloat16().transpose(0, 1).repeat_interleave(rep, 0), attn_mask=mask, scale=scale)
+        out[a:b] = o.transpose(0, 1).float()
+    return (out - ref).abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hkv,Hq,D", [(8, 32, 128), (3, 9, 64)])
+def test_decode_gpu_bf16(Hkv, Hq, D):
+    g = torch.Generator().manual_seed(21)
+    seq_lens = [1, 100, 1023, 4097] * 2
+    cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, "cuda", dtype=torch.bfloat16)
+    S = len(seq_lens)
+    q = torch.randn(S, Hq, D, generator=g).bfloat16().cuda()
+    cu = _cu([1] * S, "cuda")
+    scale = 1 / math.sqrt(D)
+    ref = at.kv4_decode_attention_ref(q.float(), cache, bt, sl, cu, scale)
+    tol = 2 * _bf16_sdpa_error(q, cache, bt, sl, cu, scale, ref) + 2e-3
+    for splits, min_split, fold in ((None, 256, False), (1, 128, False), (16, 1, True),
+                                    (32, 256, True)):
+        out = at.kv4_decode_attention(q, cache, bt, sl, cu, scale, num_splits=splits,
+                                      min_split=min_split, fold_zero=fold)
+        assert (out.float() - ref).abs().max().item() <= tol
+
+
+@pytest.mark.gpu
+def test_prefill_gpu_bf16():
+    g = torch.Generator().manual_seed(22)
+    Hkv, Hq, D = 8, 32, 128
+    seq_lens, q_lens = [1000, 300, 2049], [1000, 45, 513]
+    cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, "cuda", dtype=torch.bfloat16)
+    q = torch.randn(sum(q_lens), Hq, D, generator=g).bfloat16().cuda()
+    cu = _cu(q_lens, "cuda")
+    scale = 1 / math.sqrt(D)
+    ref = at.kv4_prefill_attention_ref(q.float(), cache, bt, sl, cu, scale, max(q_lens))
+    tol = 2 * _bf16_sdpa_error(q, cache, bt, sl, cu, scale, ref) + 2e-3
+    for fold in (False, True):
+        out = at.kv4_prefill_attention(q, cache, bt, sl, cu, scale, max(q_lens), fold_zero=fold)
+        assert (out.float() - ref).abs().max().item() <= tol
+
+
+@pytest.mark.gpu
+def test_prefill_dense_gpu_bf16():
+    """Dequantize once + varlen flash: same answer as the reference (bottom-right causal)."""
+    g = torch.Generator().manual_seed(23)
+    Hkv, Hq, D = 8, 32, 128
+    seq_lens, q_lens = [1000, 300, 2049, 7], [1000, 45, 513, 1]
+    cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, "cuda", dtype=torch.bfloat16)
+    q = torch.randn(sum(q_lens), Hq, D, generator=g).bfloat16().cuda()
+    cu = _cu(q_lens, "cuda")
+    scale = 1 / math.sqrt(D)
+    ref = at.kv4_prefill_attention_ref(q.float(), cache, bt, sl, cu, scale, max(q_lens))
+    tol = 2 * _bf16_sdpa_error(q, cache, bt, sl, cu, scale, ref) + 2e-3
+    out = at.kv4_prefill_attention_dense(q, cache, bt, sl, cu, scale, max(q_lens), max(seq_lens))
+    assert (out.float() - ref).abs().max().item() <= tol

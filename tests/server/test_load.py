@@ -1,0 +1,77 @@
+"""Bounded loopback load: 64 concurrent streaming clients, a quarter of them leaving early."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+
+CLIENTS = 64
+MAX_TOKENS = 24
+
+
+async def _client(url: str, i: int, http: httpx.AsyncClient) -> dict:
+    leave_early = i % 4 == 0
+    body = {"model": "tiny", "prompt": f"client {i} says", "max_tokens": MAX_TOKENS, "stream": True,
+            "seed": i, "ignore_eos": True}
+    chunks, done, finish = 0, False, None
+    async with http.stream("POST", url + "/v1/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if not line:
+                continue
+            assert line.startswith("data: "), line
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                done = True
+                break
+            payload = json.loads(data)
+            assert "error" not in payload, payload
+            chunks += 1
+            finish = payload["choices"][0]["finish_reason"] or finish
+            if leave_early:
+                break  # closing the response drops the connection mid-stream
+    return {"early": leave_early, "done": done, "finish": finish, "chunks": chunks}
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.split()[-1])
+    raise AssertionError(f"metric {name} {labels} missing")
+
+
+def test_64_streaming_clients_some_leaving(live_factory):
+    srv = live_factory()
+
+    async def main():
+        limits = httpx.Limits(max_connections=CLIENTS + 8, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+            return await asyncio.gather(*[_client(srv.url, i, http) for i in range(CLIENTS)])
+    results = asyncio.run(main())
+    stayed = [r for r in results if not r["early"]]
+    assert len(stayed) == CLIENTS - CLIENTS // 4
+    assert all(r["done"] and r["finish"] == "length" for r in stayed), stayed
+    srv.wait_idle()
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert _metric(metrics, "spinquant_requests_total", path="/v1/completions", status="200") == CLIENTS
+    assert _metric(metrics, "spinquant_requests_in_flight") == 0
+    assert _metric(metrics, "spinquant_engine_sequences_in_flight") == 0
+    # Clients that stayed got every token; those that left were cancelled inside the engine.
+    assert _metric(metrics, "spinquant_generation_tokens_total") >= len(stayed) * MAX_TOKENS
+    assert len(stayed) * MAX_TOKENS <= srv.engine.num_generated_tokens < CLIENTS * MAX_TOKENS
+    # The server still answers normally afterwards.
+    r = httpx.post(srv.url + "/v1/completions", json={"prompt": "after", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+
+
+def test_bench_tool_counts_every_token(live_factory, capsys):
+    from spinquant_server import bench
+
+    srv = live_factory()
+    assert bench.main(["--url", srv.url, "--model", "tiny", "--concurrency", "4", "--requests", "8",
+                       "--prompt-tokens", "5", "--max-tokens", "6", "--vocab", "384"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["completed"], result["errors"], result["output_tokens"]) == (8, 0, 48)
+    assert result["ttft_p50_s"] <= result["latency_p50_s"]
+    srv.wait_idle()

@@ -1,0 +1,664 @@
+"""Attention over the 4-bit paged KV cache (the ``spinquant_kernels.kv_cache`` layout).
+
+Two Triton kernels, both causal with GQA, dequantizing in registers:
+
+* :func:`kv4_decode_attention`: one query token per sequence (the last
+  position), split over the context (flash-decoding) plus a small reduce.
+* :func:`kv4_prefill_attention`: varlen queries that are the last ``q_len``
+  positions of each sequence (prefill with cached context, chunked prefill,
+  mixed batches); the new tokens' K/V must already be in the cache.
+
+Both apply the query half of R3: the wrapper multiplies q by the +-1 matrix
+(one small GEMM, columns ordered even-then-odd) and the kernel folds ``1 /
+sqrt(n)`` into the softmax scale; the keys were rotated by the same Hadamard
+when written, so ``q k^T`` is unchanged. The cache holds codes ``c`` with ``k =
+s * (c - z)``; the kernels feed ``c - z`` (an integer in [-15, 15], exact in
+bf16) to the tensor cores and apply ``s`` per key column to the scores (K) or
+to the probabilities (V). Packed bytes hold even and odd elements, so Q and the
+output are handled as even/odd halves (two products each) instead of
+interleaving nibbles.
+
+:func:`kv4_prefill_attention_dense` is the alternative prefill path: dequantize
+each sequence once (``kv_cache.kv4_cache_dequant``) and run varlen flash
+attention on bf16.
+
+``_ref`` twins (same signatures) dequantize the cache with
+``kv_cache.kv4_cache_gather_ref`` and run ``scaled_dot_product_attention`` in
+float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .hadamard import hadamard_transform_ref
+from .kv_cache import (
+    _resolve_had_size,
+    _words,
+    check_kv4_cache,
+    dot_dtype,
+    had_norm,
+    hadamard_perm,
+    kv4_cache_gather_ref,
+)
+
+_LOG2E = 1.4426950408889634
+# Running max start: finite so that fully masked rows give exp2(-inf) = 0 and
+# never exp2(-inf - -inf) = nan.
+_NEG_BIG = -1.0e30
+
+
+# ----------------------------------------------------------------------------
+# shared checks
+# ----------------------------------------------------------------------------
+def _check_common(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                  seq_lens: torch.Tensor, num_kv_heads: int) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be (num_tokens, num_heads, head_dim), got {tuple(q.shape)}")
+    if q.stride(2) != 1:
+        raise ValueError(f"q needs a contiguous head_dim, got strides {q.stride()}")
+    T, Hq, D = q.shape
+    if Hq % num_kv_heads:
+        raise ValueError(f"num_heads={Hq} must be a multiple of num_kv_heads={num_kv_heads}")
+    check_kv4_cache(kv_cache, num_kv_heads, D)
+    if block_table.dim() != 2 or block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_table must be 2-D int32/int64, got {tuple(block_table.shape)} "
+                         f"{block_table.dtype}")
+    if seq_lens.dim() != 1 or seq_lens.shape[0] > block_table.shape[0]:
+        raise ValueError(f"seq_lens must be 1-D with <= block_table rows={block_table.shape[0]}, "
+                         f"got {tuple(seq_lens.shape)}")
+
+
+def _rotated_query(q: torch.Tensor, had_size: int | None, hadamard: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.dtype]:
+    """``q (T, Hq, D)`` -> ``q @ cat(H[:, 0::2], H[:, 1::2])`` (T, Hq, D) in the dot dtype.
+
+    One small GEMM per call (cuBLAS; +-1 entries are exact, fp32 accumulation),
+    so the kernels read even/odd halves of the rotated query instead of each
+    program rotating it (which cost every program a D x D matrix load).
+    """
+    D = q.shape[2]
+    dt = dot_dtype(q.dtype)
+    hp = hadamard if hadamard is not None else hadamard_perm(D, had_size, dt, q.device)
+    if hp.dtype != dt or hp.shape != (D, D):
+        raise ValueError(f"hadamard must be the ({D}, {D}) {dt} matrix of "
+                         f"kv_cache.hadamard_perm, got {tuple(hp.shape)} {hp.dtype}")
+    return torch.matmul(q.to(dt), hp), dt
+
+
+# ----------------------------------------------------------------------------
+# Triton building blocks
+# ----------------------------------------------------------------------------
+@triton.jit
+def _load_query(qr_row_ptrs, row_ok, q_mul, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
+                DT: tl.constexpr):
+    """Rotated query rows as even/odd halves ``(R, HALF_PAD)`` in DT, times ``q_mul``."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    j = tl.arange(0, HALF_PAD)
+    m = row_ok[:, None] & (j < HALF)[None, :]
+    qe = tl.load(qr_row_ptrs[:, None] + j[None, :], mask=m, other=0.0).to(tl.float32)
+    qo = tl.load(qr_row_ptrs[:, None] + HALF + j[None, :], mask=m, other=0.0).to(tl.float32)
+    return (qe * q_mul).to(DT), (qo * q_mul).to(DT)
+
+
+@triton.jit
+def _tile_rows(bt_row_ptr, kpos, kmask, head, block_size,
+               stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws):
+    """Byte offset (codes) and word offset (scale words) of each token's head vector."""
+    page = tl.load(bt_row_ptr + kpos // block_size, mask=kmask, other=0).to(tl.int64)
+    off = (kpos % block_size).to(tl.int64)
+    # rows are 8-byte aligned (check_kv4_cache): lets Triton vectorize the code loads
+    return (tl.multiple_of(page * stride_cb + head * stride_ch + off * stride_cs, 8),
+            page * stride_wb + head * stride_wh + off * stride_ws)
+
+
+@triton.jit
+def _load_codes(cache_ptr, word_ptr, rb, rw, kmask, PART: tl.constexpr,
+                HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, DT: tl.constexpr,
+                FOLD_ZERO: tl.constexpr):
+    """Even/odd code halves ``(TILE_N, HALF_PAD)`` in DT, scales and zero points + 8.
+
+    FOLD_ZERO False: the halves hold ``c - z`` (the zero point applied per
+    element). True: they hold ``c + 8`` in [0, 15] and the caller removes
+    ``(z + 8)`` with one correction per score / per output row.
+    """
+    HALF: tl.constexpr = HEAD_DIM // 2
+    j = tl.arange(0, HALF_PAD)
+    if HALF_PAD == HALF:
+        p = tl.load(cache_ptr + rb[:, None] + PART * HALF + j[None, :], mask=kmask[:, None],
+                    other=0).to(tl.int32)
+    else:
+        p = tl.load(cache_ptr + rb[:, None] + PART * HALF + j[None, :],
+                    mask=kmask[:, None] & (j < HALF)[None, :], other=0).to(tl.int32)
+    w = tl.load(word_ptr + rw + HEAD_DIM // 4 + PART, mask=kmask, other=0)
+    scale = (w & -16).to(tl.float32, bitcast=True)
+    zp8 = (w & 15) ^ 8
+    # a centred nibble c stored as 4-bit two's complement n: c + 8 = n ^ 8
+    if FOLD_ZERO:
+        pb = p ^ 0x88
+        ce = (pb & 15).to(tl.float32).to(DT)
+        co = (pb >> 4).to(tl.float32).to(DT)
+    else:
+        ce = (((p & 15) ^ 8) - zp8[:, None]).to(tl.float32).to(DT)
+        co = ((((p >> 4) & 15) ^ 8) - zp8[:, None]).to(tl.float32).to(DT)
+    return ce, co, scale, zp8.to(tl.float32)
+
+
+@triton.jit
+def _attend_tile(qe, qo, qsum, m_i, l_i, acc_e, acc_o, valid,
+                 cache_ptr, word_ptr, bt_row_ptr, kpos, kmask, head, block_size,
+                 stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
+                 HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, DT: tl.constexpr,
+                 DOT_IEEE: tl.constexpr, FOLD_ZERO: tl.constexpr):
+    """One online-softmax step (base 2) over a tile of keys; ``valid (R, TILE_N)``.
+
+    ``qsum (R,)``: row sums of the rotated query in DT precision (FOLD_ZERO only).
+    """
+    rb, rw = _tile_rows(bt_row_ptr, kpos, kmask, head, block_size,
+                        stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws)
+    ke, ko, ks, kz = _load_codes(cache_ptr, word_ptr, rb, rw, kmask, 0, HEAD_DIM, HALF_PAD, DT,
+                                 FOLD_ZERO)
+    if DOT_IEEE:
+        s = tl.dot(qe, tl.trans(ke), input_precision="ieee")
+        s = tl.dot(qo, tl.trans(ko), s, input_precision="ieee")
+    else:
+        s = tl.dot(qe, tl.trans(ke))
+        s = tl.dot(qo, tl.trans(ko), s)
+    if FOLD_ZERO:
+        s = s - qsum[:, None] * kz[None, :]
+    s = tl.where(valid, s * ks[None, :], float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    ve, vo, vs, vz = _load_codes(cache_ptr, word_ptr, rb, rw, kmask, 1, HEAD_DIM, HALF_PAD,
+                                 DT, FOLD_ZERO)
+    pv = (p * vs[None, :]).to(DT)
+    if DOT_IEEE:
+        acc_e = tl.dot(pv, ve, acc_e * alpha[:, None], input_precision="ieee")
+        acc_o = tl.dot(pv, vo, acc_o * alpha[:, None], input_precision="ieee")
+    else:
+        acc_e = tl.dot(pv, ve, acc_e * alpha[:, None])
+        acc_o = tl.dot(pv, vo, acc_o * alpha[:, None])
+    if FOLD_ZERO:
+        # the same rounded weights the product used, so the correction cancels exactly
+        corr = tl.sum(pv.to(tl.float32) * vz[None, :], axis=1)
+        acc_e = acc_e - corr[:, None]
+        acc_o = acc_o - corr[:, None]
+    return m_new, l_i, acc_e, acc_o
+
+
+# ----------------------------------------------------------------------------
+# decode
+# ----------------------------------------------------------------------------
+@triton.jit
+def _kv4_decode_kernel(
+    # pointers
+    q_ptr, out_ptr, cache_ptr, word_ptr, bt_ptr, seq_lens_ptr, cu_q_ptr,
+    part_acc_ptr, part_ml_ptr,
+    # sizes
+    block_size, q_mul,
+    # strides
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
+    # meta-parameters
+    NUM_HEADS: tl.constexpr, QPK: tl.constexpr, ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
+    TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
+    DT: tl.constexpr, DOT_IEEE: tl.constexpr, FOLD_ZERO: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    q_row = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_row
+    seq_len = tl.load(seq_lens_ptr + seq)
+    if q_len == 0:  # padding entry of a CUDA-graph batch
+        return
+
+    # ---- this split's share of the context ---------------------------------
+    # at least MIN_SPLIT tokens per split: short contexts use fewer splits (the
+    # rest exit here), decided on the device so CUDA graphs stay valid
+    per_split = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_SPLIT)
+    per_split = tl.cdiv(per_split, TILE_N) * TILE_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    r = tl.arange(0, ROWS)
+    row_ok = r < QPK
+    heads = kvh * QPK + r
+    if NUM_SPLITS > 1:
+        if start >= end:
+            # empty split: l = 0 tells the reduce to ignore its (unwritten) acc
+            pidx = (seq.to(tl.int64) * NUM_HEADS + heads) * NUM_SPLITS + split
+            tl.store(part_ml_ptr + pidx * 2, tl.full([ROWS], -1.0e30, tl.float32), mask=row_ok)
+            tl.store(part_ml_ptr + pidx * 2 + 1, tl.zeros([ROWS], tl.float32), mask=row_ok)
+            return
+
+    # ---- the query heads of this kv head (rotated by the wrapper) -------------
+    q_base = q_ptr + q_row.to(tl.int64) * stride_qt + heads * stride_qh
+    qe, qo = _load_query(q_base, row_ok, q_mul, HEAD_DIM, HALF_PAD, DT)
+    qsum = tl.sum(qe.to(tl.float32), axis=1) + tl.sum(qo.to(tl.float32), axis=1)
+
+    m_i = tl.full([ROWS], -1.0e30, tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc_e = tl.zeros([ROWS, HALF_PAD], tl.float32)
+    acc_o = tl.zeros([ROWS, HALF_PAD], tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    n = tl.arange(0, TILE_N)
+    for t0 in range(start, end, TILE_N):
+        kpos = t0 + n
+        kmask = kpos < end
+        m_i, l_i, acc_e, acc_o = _attend_tile(
+            qe, qo, qsum, m_i, l_i, acc_e, acc_o, row_ok[:, None] & kmask[None, :],
+            cache_ptr, word_ptr, bt_row, kpos, kmask, kvh, block_size,
+            stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
+            HEAD_DIM, HALF_PAD, DT, DOT_IEEE, FOLD_ZERO)
+
+    # ---- write: final output (one split) or partials -------------------------
+    HALF: tl.constexpr = HEAD_DIM // 2
+    j = tl.arange(0, HALF_PAD)
+    if NUM_SPLITS == 1:
+        inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+        o_base = out_ptr + q_row.to(tl.int64) * stride_ot + heads * stride_oh
+        om = row_ok[:, None] & (j < HALF)[None, :]
+        o_ty = out_ptr.dtype.element_ty
+        tl.store(o_base[:, None] + 2 * j[None, :], (acc_e * inv[:, None]).to(o_ty), mask=om)
+        tl.store(o_base[:, None] + 2 * j[None, :] + 1, (acc_o * inv[:, None]).to(o_ty), mask=om)
+    else:
+        # partials: acc (seqs, heads, splits, 2 * HALF_PAD) [even | odd],
+        # ml (seqs, heads, splits, 2) [running max | running sum]
+        pidx = (seq.to(tl.int64) * NUM_HEADS + heads) * NUM_SPLITS + split
+        pa = part_acc_ptr + pidx[:, None] * (2 * HALF_PAD) + j[None, :]
+        tl.store(pa, acc_e, mask=row_ok[:, None])
+        tl.store(pa + HALF_PAD, acc_o, mask=row_ok[:, None])
+        tl.store(part_ml_ptr + pidx * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + pidx * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _kv4_decode_reduce_kernel(
+    out_ptr, cu_q_ptr, part_acc_ptr, part_ml_ptr,
+    stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_row = tl.load(cu_q_ptr + seq)
+    if tl.load(cu_q_ptr + seq + 1) == q_row:
+        return
+    HALF: tl.constexpr = HEAD_DIM // 2
+    sp = tl.arange(0, NUM_SPLITS)
+    j = tl.arange(0, HALF_PAD)
+    pidx = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + sp
+    m = tl.load(part_ml_ptr + pidx * 2)
+    l = tl.load(part_ml_ptr + pidx * 2 + 1)
+    live = l > 0.0
+    m_all = tl.max(tl.where(live, m, -1.0e30), axis=0)
+    w = tl.where(live, tl.exp2(m - m_all), 0.0)
+    denom = tl.sum(w * l, axis=0)
+    inv = tl.where(denom > 0.0, 1.0 / tl.where(denom > 0.0, denom, 1.0), 0.0)
+    pa = part_acc_ptr + pidx[:, None] * (2 * HALF_PAD) + j[None, :]
+    oe = tl.sum(tl.load(pa, mask=live[:, None], other=0.0) * w[:, None], axis=0) * inv
+    oo = tl.sum(tl.load(pa + HALF_PAD, mask=live[:, None], other=0.0) * w[:, None], axis=0) * inv
+    o_base = out_ptr + q_row.to(tl.int64) * stride_ot + head * stride_oh
+    jm = j < HALF
+    tl.store(o_base + 2 * j, oe.to(out_ptr.dtype.element_ty), mask=jm)
+    tl.store(o_base + 2 * j + 1, oo.to(out_ptr.dtype.element_ty), mask=jm)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132 on an H100 SXM; 132 assumed off-GPU)."""
+    if device.type != "cuda":
+        return 132
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int = 132) -> int:
+    """Context splits for decode: ~8 programs per SM, a power of two in [1, 32].
+
+    Depends only on the batch shape (not on sequence lengths), so a CUDA graph
+    captured for a batch size stays valid for every context length (short
+    contexts leave the extra splits empty, see ``min_split``). Measured on the
+    H100 (benchmarks/results/kv_attention_h100_run1.json sweep): 32 splits at
+    batch 1 and 8 at batch 32 with 8 kv heads were the fastest at 4k-16k.
+    """
+    progs = max(1, num_seqs * num_kv_heads)
+    want = max(1, (8 * num_sms + progs - 1) // progs)
+    return min(32, triton.next_power_of_2(want))
+
+
+def kv4_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                         seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, sm_scale: float,
+                         out: torch.Tensor | None = None, num_splits: int | None = None,
+                         had_size: int | None = None,
+                         hadamard: torch.Tensor | None = None,
+                         tile_n: int = 128, min_split: int = 256, num_warps: int = 4,
+                         fold_zero: bool = False) -> torch.Tensor:
+    """Decode attention (one query per sequence) over the 4-bit paged cache.
+
+    ``q (num_tokens, num_heads, head_dim)`` fp32/fp16/bf16, NOT rotated (R3 is
+    applied here); ``kv_cache`` uint8 (``kv_cache.kv4_cache_shape``);
+    ``block_table (num_seqs_max, max_blocks)`` int32; ``seq_lens (num_seqs,)``
+    int32 context length including the query token; ``cu_seqlens_q
+    (num_seqs + 1,)`` int32 query start rows (every sequence has 0 or 1 query
+    rows; 0 = padding, skipped); ``had_size`` the R3 size the cache was
+    written with (``None`` = head_dim, 0 = none); ``hadamard`` optional
+    precomputed ``kv_cache.hadamard_perm`` in the dot dtype (for CUDA-graph capture).
+    Returns ``out (num_tokens, num_heads, head_dim)`` in q's dtype (rows of
+    padding entries are left untouched). ``num_splits`` (power of two, default
+    :func:`default_num_splits`) splits the context, each split covering at
+    least ``min_split`` tokens; ``tile_n`` keys per inner step; ``fold_zero``
+    moves the zero point out of the per-element unpack (one correction per
+    score and per output row instead; same result up to float rounding).
+    Equivalent to :func:`kv4_decode_attention_ref`.
+    """
+    num_kv_heads = kv_cache.shape[1]
+    _check_common(q, kv_cache, block_table, seq_lens, num_kv_heads)
+    T, Hq, D = q.shape
+    S = seq_lens.shape[0]
+    if cu_seqlens_q.shape[0] != S + 1:
+        raise ValueError(f"cu_seqlens_q must have num_seqs+1={S + 1} entries, "
+                         f"got {cu_seqlens_q.shape[0]}")
+    if out is None:
+        out = torch.empty_like(q)
+    if out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} with a contiguous head_dim, "
+                         f"got {tuple(out.shape)} strides {out.stride()}")
+    if S == 0:
+        return out
+    qr, dt = _rotated_query(q, had_size, hadamard)
+    qpk = Hq // num_kv_heads
+    splits = (default_num_splits(S, num_kv_heads, num_sms(q.device)) if num_splits is None
+              else int(num_splits))
+    if splits < 1 or splits & (splits - 1):
+        raise ValueError(f"num_splits must be a power of two >= 1, got {splits}")
+    half_pad = triton.next_power_of_2(D // 2)
+    if splits > 1:
+        part_acc = torch.empty(S, Hq, splits, 2 * half_pad, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(S, Hq, splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    words = _words(kv_cache)
+    q_mul = sm_scale * _LOG2E / had_norm(D, had_size)
+    tl_dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+             torch.float32: tl.float32}[dt]
+    _kv4_decode_kernel[(S, num_kv_heads, splits)](
+        qr, out, kv_cache, words, block_table, seq_lens, cu_seqlens_q,
+        part_acc, part_ml,
+        kv_cache.shape[2], q_mul,
+        qr.stride(0), qr.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        words.stride(0), words.stride(1), words.stride(2),
+        NUM_HEADS=Hq, QPK=qpk, ROWS=max(16, triton.next_power_of_2(qpk)),
+        HEAD_DIM=D, HALF_PAD=half_pad,
+        TILE_N=tile_n, NUM_SPLITS=splits, MIN_SPLIT=max(1, int(min_split)), DT=tl_dt,
+        DOT_IEEE=dt == torch.float32, FOLD_ZERO=bool(fold_zero), num_warps=num_warps,
+    )
+    if splits > 1:
+        _kv4_decode_reduce_kernel[(S, Hq)](
+            out, cu_seqlens_q, part_acc, part_ml, out.stride(0), out.stride(1),
+            NUM_HEADS=Hq, HEAD_DIM=D, HALF_PAD=half_pad, NUM_SPLITS=splits, num_warps=4,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------
+# prefill with cached context (varlen)
+# ----------------------------------------------------------------------------
+@triton.jit
+def _kv4_prefill_kernel(
+    # pointers
+    q_ptr, out_ptr, cache_ptr, word_ptr, bt_ptr, seq_lens_ptr, cu_q_ptr,
+    # sizes
+    block_size, q_mul,
+    # strides
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
+    # meta-parameters
+    QPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
+    TILE_N: tl.constexpr, DT: tl.constexpr, DOT_IEEE: tl.constexpr, FOLD_ZERO: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    qblk = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    if qblk * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
+
+    # ---- rows = (query token, head of this kv group) pairs ------------------
+    r = tl.arange(0, BLOCK_M)
+    tok = qblk * BLOCK_Q + r // QPK
+    row_ok = (r < BLOCK_Q * QPK) & (tok < q_len)
+    heads = kvh * QPK + r % QPK
+    q_base = q_ptr + (q_start + tok).to(tl.int64) * stride_qt + heads * stride_qh
+    qe, qo = _load_query(q_base, row_ok, q_mul, HEAD_DIM, HALF_PAD, DT)
+    qsum = tl.sum(qe.to(tl.float32), axis=1) + tl.sum(qo.to(tl.float32), axis=1)
+    q_pos = ctx_len + tok
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_e = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
+    acc_o = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    n = tl.arange(0, TILE_N)
+    # causal: the last query of this block sees keys [0, ctx_len + last_tok]
+    kv_end = tl.minimum(seq_len, ctx_len + (qblk + 1) * BLOCK_Q)
+    for t0 in range(0, kv_end, TILE_N):
+        kpos = t0 + n
+        kmask = kpos < kv_end
+        valid = row_ok[:, None] & kmask[None, :] & (kpos[None, :] <= q_pos[:, None])
+        m_i, l_i, acc_e, acc_o = _attend_tile(
+            qe, qo, qsum, m_i, l_i, acc_e, acc_o, valid,
+            cache_ptr, word_ptr, bt_row, kpos, kmask, kvh, block_size,
+            stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
+            HEAD_DIM, HALF_PAD, DT, DOT_IEEE, FOLD_ZERO)
+
+    HALF: tl.constexpr = HEAD_DIM // 2
+    j = tl.arange(0, HALF_PAD)
+    inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+    o_base = out_ptr + (q_start + tok).to(tl.int64) * stride_ot + heads * stride_oh
+    om = row_ok[:, None] & (j < HALF)[None, :]
+    o_ty = out_ptr.dtype.element_ty
+    tl.store(o_base[:, None] + 2 * j[None, :], (acc_e * inv[:, None]).to(o_ty), mask=om)
+    tl.store(o_base[:, None] + 2 * j[None, :] + 1, (acc_o * inv[:, None]).to(o_ty), mask=om)
+
+
+def kv4_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                          seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, sm_scale: float,
+                          max_query_len: int, out: torch.Tensor | None = None,
+                          had_size: int | None = None,
+                          hadamard: torch.Tensor | None = None,
+                          block_m: int = 128, tile_n: int = 32, num_warps: int = 4,
+                          fold_zero: bool = False) -> torch.Tensor:
+    """Causal varlen attention for queries that end each sequence (context in the cache).
+
+    ``q (num_tokens, num_heads, head_dim)`` NOT rotated; sequence ``i`` owns
+    query rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` which are its last
+    ``q_len`` positions out of ``seq_lens[i]`` (their K/V already written to
+    ``kv_cache``). ``max_query_len`` (host int) sizes the grid. Other
+    arguments as :func:`kv4_decode_attention`. Equivalent to
+    :func:`kv4_prefill_attention_ref`.
+    """
+    num_kv_heads = kv_cache.shape[1]
+    _check_common(q, kv_cache, block_table, seq_lens, num_kv_heads)
+    T, Hq, D = q.shape
+    S = seq_lens.shape[0]
+    if cu_seqlens_q.shape[0] != S + 1:
+        raise ValueError(f"cu_seqlens_q must have num_seqs+1={S + 1} entries, "
+                         f"got {cu_seqlens_q.shape[0]}")
+    if out is None:
+        out = torch.empty_like(q)
+    if out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} with a contiguous head_dim, "
+                         f"got {tuple(out.shape)} strides {out.stride()}")
+    if S == 0 or max_query_len <= 0:
+        return out
+    qr, dt = _rotated_query(q, had_size, hadamard)
+    qpk = Hq // num_kv_heads
+    block_m = max(block_m, triton.next_power_of_2(qpk), 16)
+    block_q = block_m // qpk
+    words = _words(kv_cache)
+    q_mul = sm_scale * _LOG2E / had_norm(D, had_size)
+    tl_dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+             torch.float32: tl.float32}[dt]
+    grid = (S, triton.cdiv(int(max_query_len), block_q), num_kv_heads)
+    _kv4_prefill_kernel[grid](
+        qr, out, kv_cache, words, block_table, seq_lens, cu_seqlens_q,
+        kv_cache.shape[2], q_mul,
+        qr.stride(0), qr.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        words.stride(0), words.stride(1), words.stride(2),
+        QPK=qpk, BLOCK_M=block_m, BLOCK_Q=block_q,
+        HEAD_DIM=D, HALF_PAD=triton.next_power_of_2(D // 2),
+        TILE_N=tile_n, DT=tl_dt, DOT_IEEE=dt == torch.float32, FOLD_ZERO=bool(fold_zero),
+        num_warps=num_warps,
+    )
+    return out
+
+
+def kv4_prefill_attention_dense(q: torch.Tensor, kv_cache: torch.Tensor,
+                                block_table: torch.Tensor, seq_lens: torch.Tensor,
+                                cu_seqlens_q: torch.Tensor, sm_scale: float, max_query_len: int,
+                                max_seq_len: int, total_kv_tokens: int | None = None,
+                                out: torch.Tensor | None = None, had_size: int | None = None,
+                                hadamard: torch.Tensor | None = None) -> torch.Tensor:
+    """Prefill through dense flash attention: dequantize each sequence once, then varlen flash.
+
+    Same contract as :func:`kv4_prefill_attention` (``hadamard`` here is
+    ``kv_cache.hadamard_full``) plus ``max_seq_len`` (host int) and
+    ``total_kv_tokens`` (host int, ``seq_lens.sum()``; computed with a device
+    sync when None). K/V of every sequence are dequantized to q's dtype by
+    :func:`kv_cache.kv4_cache_dequant` (once per token instead of once per query
+    block), then ``torch.nn.attention.varlen.varlen_attn`` runs causal
+    attention with the mask aligned to the last key (bottom-right, as
+    FlashAttention does for ``q_len < k_len``). CUDA with fp16/bf16 only. Meant
+    for batches of prefills: every sequence's whole context is dequantized.
+    Equivalent to :func:`kv4_prefill_attention_ref`.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    num_kv_heads = kv_cache.shape[1]
+    _check_common(q, kv_cache, block_table, seq_lens, num_kv_heads)
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"kv4_prefill_attention_dense needs fp16/bf16 on CUDA, got {q.dtype} "
+                         f"on {q.device.type}")
+    T, Hq, D = q.shape
+    S = seq_lens.shape[0]
+    if out is None:
+        out = torch.empty_like(q)
+    if S == 0 or max_query_len <= 0:
+        return out
+    cu_k = torch.zeros(S + 1, dtype=torch.int32, device=q.device)
+    torch.cumsum(seq_lens, 0, out=cu_k[1:])
+    total = int(cu_k[-1]) if total_kv_tokens is None else int(total_kv_tokens)
+    k, v = kv4_cache_dequant(kv_cache, block_table, seq_lens, cu_k, D, max_seq_len, total, q.dtype)
+    h = hadamard if hadamard is not None else hadamard_full(D, had_size, q.dtype, q.device)
+    qr = torch.matmul(q, h)
+    qpk = Hq // num_kv_heads
+    if qpk > 1:
+        k = k.repeat_interleave(qpk, dim=1)
+        v = v.repeat_interleave(qpk, dim=1)
+    o = varlen_attn(qr, k, v, cu_seqlens_q.to(torch.int32), cu_k, int(max_query_len),
+                    int(max_seq_len), scale=sm_scale / had_norm(D, had_size), window_size=(-1, 0))
+    out.copy_(o)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# references
+# ----------------------------------------------------------------------------
+def _attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                   seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, sm_scale: float,
+                   had_size: int | None, out: torch.Tensor) -> torch.Tensor:
+    T, Hq, D = q.shape
+    had = _resolve_had_size(D, had_size)
+    Hkv = kv_cache.shape[1]
+    cu = cu_seqlens_q.tolist()
+    for i, L in enumerate(seq_lens.tolist()):
+        a, b = cu[i], cu[i + 1]
+        if b == a:
+            continue
+        k, v = kv4_cache_gather_ref(kv_cache, block_table[i], L, D)   # (L, Hkv, D)
+        qr = q[a:b].float()                                            # (n, Hq, D)
+        if had:
+            qr = hadamard_transform_ref(qr, had)
+        n = b - a
+        qpos = torch.arange(L - n, L, device=q.device)
+        mask = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]
+        o = F.scaled_dot_product_attention(
+            qr.transpose(0, 1), k.transpose(0, 1).repeat_interleave(Hq // Hkv, 0),
+            v.transpose(0, 1).repeat_interleave(Hq // Hkv, 0), attn_mask=mask, scale=sm_scale)
+        out[a:b] = o.transpose(0, 1).to(out.dtype)
+    return out
+
+
+def kv4_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                             seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, sm_scale: float,
+                             out: torch.Tensor | None = None, num_splits: int | None = None,
+                             had_size: int | None = None,
+                             hadamard: torch.Tensor | None = None,
+                             tile_n: int = 128, min_split: int = 256, num_warps: int = 4,
+                             fold_zero: bool = False) -> torch.Tensor:
+    """Plain-PyTorch twin of :func:`kv4_decode_attention` (fp32 sdpa on the dequantized cache)."""
+    _check_common(q, kv_cache, block_table, seq_lens, kv_cache.shape[1])
+    out = torch.empty_like(q) if out is None else out
+    return _attention_ref(q, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
+                          had_size, out)
+
+
+def kv4_prefill_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                              seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, sm_scale: float,
+                              max_query_len: int, out: torch.Tensor | None = None,
+                              had_size: int | None = None,
+                              hadamard: torch.Tensor | None = None,
+                              block_m: int = 128, tile_n: int = 32, num_warps: int = 4,
+                              fold_zero: bool = False) -> torch.Tensor:
+    """Plain-PyTorch twin of :func:`kv4_prefill_attention`."""
+    _check_common(q, kv_cache, block_table, seq_lens, kv_cache.shape[1])
+    out = torch.empty_like(q) if out is None else out
+    return _attention_ref(q, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
+                          had_size, out)
+
+
+
+
+def kv4_prefill_attention_dense_ref(q: torch.Tensor, kv_cache: torch.Tensor,
+                                    block_table: torch.Tensor, seq_lens: torch.Tensor,
+                                    cu_seqlens_q: torch.Tensor, sm_scale: float,
+                                    max_query_len: int, max_seq_len: int,
+                                    total_kv_tokens: int | None = None,
+                                    out: torch.Tensor | None = None,
+                                    had_size: int | None = None,
+                                    hadamard: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-PyTorch twin of :func:`kv4_prefill_attention_dense`."""
+    _check_common(q, kv_cache, block_table, seq_lens, kv_cache.shape[1])
+    out = torch.empty_like(q) if out is None else out
+    return _attention_ref(q, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
+                          had_size, out)
+
+
+__all__ = [
+    "default_num_splits",
+    "kv4_decode_attention",
+    "kv4_decode_attention_ref",
+    "kv4_prefill_attention",
+    "kv4_prefill_attention_dense",
+    "kv4_prefill_attention_dense_ref",
+    "kv4_prefill_attention_ref",
+    "num_sms",
+]

@@ -1,0 +1,237 @@
+"""The quantized linear the vLLM plugin calls: weight preparation and backend choice.
+
+One call computes the runtime math of ARCHITECTURE.md::
+
+    x (..., K) --(block Hadamard of had_size over K, optional)--> per-token
+    asymmetric quantization (act_bits) -> qx, sx, zx
+    y = sx * sw * (qx @ qw.T - zx * rowsum(qw)) (+ bias)  -> (..., N) in x.dtype
+
+``act_bits == 16`` is weight-only (W4A16): the activations are not quantized.
+
+Backends are tried in priority order (:data:`BACKENDS`); each answers
+:func:`can_implement` with ``(ok, reason)`` and the last one, ``"reference"``
+(plain PyTorch), accepts everything. :func:`select_backend` raises with every
+refusal reason when nothing fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from . import format as fmt
+from .hadamard import decompose, hadamard_transform_ref
+from .w4a4_gemm import QUANT_GEMM_MAX_M, w4a4_gemm, w4a4_matmul_exact, w4a4_quant_gemm
+
+# Priority order; the reference path is last and accepts every input.
+BACKENDS: tuple[str, ...] = ("triton", "reference")
+_ACT_BITS = (4, 8, 16)
+
+
+# ----------------------------------------------------------------------------
+# the prepared weight
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class PackedW4:
+    """A 4-bit weight prepared for the kernels.
+
+    qweight: (N, K/2) uint8, contiguous, ``format.pack_int4`` layout (element
+        2j in the low nibble, 2j+1 in the high nibble, centred codes in [-8, 7]).
+        The GEMM reads this layout directly (no repack is needed).
+    scale: (N,) float32 per-output-channel symmetric scale.
+    rowsum: (N,) int32, sum over K of the int4 codes (the zero-point correction).
+    N, K: the logical shape of the weight.
+    """
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    rowsum: torch.Tensor
+    N: int
+    K: int
+
+    def __post_init__(self) -> None:
+        if self.qweight.dtype != fmt.PACKED_DTYPE or tuple(self.qweight.shape) != (self.N, self.K // 2):
+            raise ValueError(f"PackedW4.qweight must be ({self.N}, {self.K // 2}) uint8, got "
+                             f"{tuple(self.qweight.shape)} {self.qweight.dtype}")
+        if self.scale.dtype != torch.float32 or tuple(self.scale.shape) != (self.N,):
+            raise ValueError(f"PackedW4.scale must be ({self.N},) float32, got "
+                             f"{tuple(self.scale.shape)} {self.scale.dtype}")
+        if self.rowsum.dtype != torch.int32 or tuple(self.rowsum.shape) != (self.N,):
+            raise ValueError(f"PackedW4.rowsum must be ({self.N},) int32, got "
+                             f"{tuple(self.rowsum.shape)} {self.rowsum.dtype}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def codes(self) -> torch.Tensor:
+        """The int4 codes unpacked: (N, K) int8."""
+        return fmt.unpack_int4(self.qweight)
+
+
+def _check_weight(qweight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[int, int]:
+    if qweight.dim() != 2 or qweight.dtype != fmt.PACKED_DTYPE:
+        raise ValueError(f"qweight must be (N, K/2) uint8, got {tuple(qweight.shape)} {qweight.dtype}")
+    N, KH = qweight.shape
+    if tuple(weight_scale.shape) not in ((N,), (N, 1)):
+        raise ValueError(f"weight_scale must be ({N},) to match qweight, got {tuple(weight_scale.shape)}")
+    return N, 2 * KH
+
+
+def prepare_w4_ref(qweight: torch.Tensor, weight_scale: torch.Tensor) -> PackedW4:
+    """Reference of :func:`prepare_w4` (unpacks with ``format.unpack_int4``)."""
+    N, K = _check_weight(qweight, weight_scale)
+    rowsum = fmt.unpack_int4(qweight).to(torch.int32).sum(dim=1, dtype=torch.int32)
+    return PackedW4(qweight.contiguous(), weight_scale.reshape(N).to(torch.float32).contiguous(),
+                    rowsum.contiguous(), N, K)
+
+
+def prepare_w4(qweight: torch.Tensor, weight_scale: torch.Tensor) -> PackedW4:
+    """Prepare a checkpoint weight for the kernels (equivalent to :func:`prepare_w4_ref`).
+
+    qweight: (N, K/2) uint8 from ``format.pack_int4``; weight_scale: (N,) float32.
+    The GEMM reads the checkpoint layout, so this only makes the tensors
+    contiguous and computes ``rowsum`` (N,) int32 on the weight's device.
+    """
+    N, K = _check_weight(qweight, weight_scale)
+    u = qweight.to(torch.int32)
+    # sign-extend each nibble: (v ^ 8) - 8 maps the 4-bit two's complement pattern to [-8, 7]
+    lo = ((u & 0xF) ^ 8) - 8
+    hi = (((u >> 4) & 0xF) ^ 8) - 8
+    rowsum = (lo.sum(dim=1) + hi.sum(dim=1)).to(torch.int32)
+    return PackedW4(qweight.contiguous(), weight_scale.reshape(N).to(torch.float32).contiguous(),
+                    rowsum.contiguous(), N, K)
+
+
+# ----------------------------------------------------------------------------
+# backend choice
+# ----------------------------------------------------------------------------
+def _triton_usable(device: torch.device) -> tuple[bool, str]:
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, (f"triton: needs a CUDA device (or TRITON_INTERPRET=1 on CPU), "
+                   f"got device {device}")
+
+
+def can_implement(backend: str, device: torch.device | str, act_bits: int, K: int, N: int,
+                  had_size: int = 0) -> tuple[bool, str]:
+    """Whether ``backend`` can run this linear; ``(ok, reason)`` (reason empty when ok)."""
+    device = torch.device(device)
+    if act_bits not in _ACT_BITS:
+        return False, f"{backend}: act_bits must be one of {list(_ACT_BITS)}, got {act_bits}"
+    if K % 2:
+        return False, f"{backend}: K must be even (two int4 codes per byte), got K={K}"
+    if had_size and K % had_size:
+        return False, f"{backend}: had_size {had_size} must divide K={K}"
+    if had_size:
+        try:
+            decompose(had_size)
+        except ValueError as e:
+            return False, f"{backend}: {e}"
+    if backend == "reference":
+        return True, ""
+    if backend == "triton":
+        ok, why = _triton_usable(device)
+        if not ok:
+            return ok, why
+        if act_bits == 16:
+            from .w4a4_gemm import w4a16_supported
+            return w4a16_supported(K, N)
+        from .hadamard_quant import hadamard_quant_supported
+        ok, why = hadamard_quant_supported(K, had_size, act_bits)
+        if not ok:
+            return False, f"triton: {why}"
+        return True, ""
+    return False, f"unknown backend {backend!r}; known: {list(BACKENDS)}"
+
+
+def select_backend(device: torch.device | str, act_bits: int, K: int, N: int, had_size: int = 0,
+                   backends: tuple[str, ...] = BACKENDS) -> str:
+    """First backend of ``backends`` that can implement the linear; raises with every reason."""
+    reasons = []
+    for b in backends:
+        ok, why = can_implement(b, device, act_bits, K, N, had_size)
+        if ok:
+            return b
+        reasons.append(why)
+    raise ValueError("no backend can run this W4 linear "
+                     f"(act_bits={act_bits}, K={K}, N={N}, had_size={had_size}): " + "; ".join(reasons))
+
+
+# ----------------------------------------------------------------------------
+# the linear
+# ----------------------------------------------------------------------------
+def _check_linear(x: torch.Tensor, w: PackedW4, act_bits: int, had_size: int,
+                  bias: torch.Tensor | None) -> None:
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
+    if x.shape[-1] != w.K:
+        raise ValueError(f"x's last dimension must equal the weight's K={w.K}, got {x.shape[-1]}")
+    if act_bits not in _ACT_BITS:
+        raise ValueError(f"act_bits must be one of {list(_ACT_BITS)}, got {act_bits}")
+    if had_size < 0 or (had_size and w.K % had_size):
+        raise ValueError(f"had_size must be 0 or divide K={w.K}, got {had_size}")
+    if bias is not None and tuple(bias.shape) != (w.N,):
+        raise ValueError(f"bias must be ({w.N},), got {tuple(bias.shape)}")
+
+
+def w4ax_linear_ref(x: torch.Tensor, w: PackedW4, act_bits: int, had_size: int = 0,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-PyTorch W4A{act_bits} linear: ``x (..., K)`` -> ``(..., N)`` in x.dtype.
+
+    The Hadamard is computed in float32 (``hadamard_transform_ref`` on x.float()),
+    then ``format.quantize_act`` and ``format.w4a4_matmul_ref``. With
+    ``act_bits == 16`` the (transformed) activations meet the dequantized weight
+    in a float32 matmul.
+    """
+    _check_linear(x, w, act_bits, had_size, bias)
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, w.K).float()
+    if had_size:
+        xf = hadamard_transform_ref(xf, had_size)
+    qw = w.codes()
+    if act_bits == 16:
+        y = xf @ fmt.dequantize_weight(qw, w.scale).T
+    else:
+        qx, sx, zx = fmt.quantize_act(xf, act_bits)
+        # format.w4a4_matmul_ref on CPU; the same arithmetic with a float64 product on CUDA
+        y = w4a4_matmul_exact(qx, sx, zx, qw, w.scale)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, w.N)
+
+
+def w4ax_linear(x: torch.Tensor, w: PackedW4, act_bits: int, had_size: int = 0,
+                bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """W4A{act_bits} linear, equivalent to :func:`w4ax_linear_ref`.
+
+    x: (..., K) bf16/fp16 (fp32 accepted); w: :class:`PackedW4`; act_bits 4, 8
+    or 16 (16 = weight-only); had_size 0 (none) or the block Hadamard size over
+    K; bias (N,) or None. Returns (..., N) in x.dtype. ``backend`` forces one
+    backend (still checked with :func:`can_implement`); default: the first of
+    :data:`BACKENDS` that fits.
+    """
+    _check_linear(x, w, act_bits, had_size, bias)
+    chosen = select_backend(x.device, act_bits, w.K, w.N, had_size,
+                            BACKENDS if backend is None else (backend,))
+    if chosen == "reference":
+        return w4ax_linear_ref(x, w, act_bits, had_size, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.K)
+    if act_bits == 16:
+        from .hadamard_quant import hadamard_only
+        from .w4a4_gemm import w4a16_gemm
+        xin = hadamard_only(x2, had_size) if had_size else x2
+        y = w4a16_gemm(xin, w, out_dtype=x.dtype, bias=bias)
+    elif act_bits == 4 and not had_size and x2.shape[0] <= QUANT_GEMM_MAX_M:
+        # decode: the GEMM quantizes its rows itself (bit-identical, one launch)
+        y = w4a4_quant_gemm(x2, w, out_dtype=x.dtype, bias=bias)
+    else:
+        from .hadamard_quant import hadamard_quant
+        q, s, z = hadamard_quant(x2, had_size, act_bits)
+        y = w4a4_gemm(q, s, z, w, out_dtype=x.dtype, bias=bias)
+    return y.reshape(*lead, w.N)
