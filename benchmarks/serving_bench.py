@@ -1,0 +1,154 @@
+"""Side-by-side vLLM benchmarks on one GPU: throughput, latency, weight memory, KV capacity.
+
+Each run is ``vllm bench throughput`` or ``vllm bench latency`` on dummy weights
+of a model directory (config.json only), in its own process, one after the
+other in this invocation. Weight memory and KV-cache capacity are read from
+vLLM's start-up log. Writes ``serving_raw.json`` (all runs) and
+``serving.log`` (each run's log tail) under ``--out``.
+
+Run names: ``KIND:CONFIG`` with KIND in {tp, lat1, lat16} and CONFIG a folder
+under ``--models`` (``bf16``, ``spinquant_w4a4kv16``, ...) optionally followed by
+``+fp8`` (``--quantization fp8``), ``+fp8kv`` (``--kv-cache-dtype fp8``),
+``+int4kv`` (``--kv-cache-dtype int4_per_token_head``) or ``+eager``.
+
+Example (H100, vLLM bundle in /tmp/site):
+    python3 benchmarks/serving_bench.py --out $OUT --models .gpu-carry/llama8b \
+        --runs tp:spinquant_w4a4kv16 tp:bf16 tp:bf16+fp8
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+FLAGS = {
+    "fp8": ["--quantization", "fp8"],
+    "fp8kv": ["--kv-cache-dtype", "fp8"],
+    "int4kv": ["--kv-cache-dtype", "int4_per_token_head", "--attention-backend", "TRITON_ATTN"],
+    "eager": ["--enforce-eager"],
+}
+KINDS = {
+    "tp": ["throughput", "--dataset-name", "random", "--input-len", "1024", "--output-len", "256",
+           "--num-prompts", "400"],
+    "tpkv": ["throughput", "--dataset-name", "random", "--input-len", "4096", "--output-len", "512",
+             "--num-prompts", "1000"],
+    "lat1": ["latency", "--input-len", "512", "--output-len", "128", "--batch-size", "1",
+             "--num-iters-warmup", "2", "--num-iters", "5"],
+    "lat16": ["latency", "--input-len", "512", "--output-len", "128", "--batch-size", "16",
+              "--num-iters-warmup", "2", "--num-iters", "5"],
+}
+PATTERNS = {
+    "weight_memory_gib": r"Model loading took ([\d.]+) GiB",
+    "kv_cache_tokens": r"GPU KV cache size: ([\d,]+) tokens",
+    "max_concurrency": r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x",
+}
+
+
+def parse_run(name: str):
+    if ":" not in name:
+        raise ValueError(f"run name must be KIND:CONFIG[+flag...], got {name!r}")
+    kind, rest = name.split(":", 1)
+    if kind not in KINDS:
+        raise ValueError(f"run kind must be one of {sorted(KINDS)}, got {kind!r}")
+    cfg, *flags = rest.split("+")
+    for f in flags:
+        if f not in FLAGS:
+            raise ValueError(f"run flag must be one of {sorted(FLAGS)}, got {f!r}")
+    return kind, cfg, flags
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", required=True, help="folder of model folders (config.json) and tokenizer/")
+    ap.add_argument("--runs", nargs="+", required=True)
+    ap.add_argument("--deadline-s", type=float, default=540, help="start no run after this many seconds")
+    ap.add_argument("--run-timeout-s", type=float, default=420)
+    ap.add_argument("--resume", default=None, help="serving_raw.json of an earlier invocation to extend")
+    ap.add_argument("--stop-on-fail", action="store_true", help="skip the remaining runs after a failed one")
+    ap.add_argument("--vllm", default=os.environ.get("VLLM_CMD", f"{sys.executable} -m vllm.entrypoints.cli.main"))
+    args = ap.parse_args(argv)
+    runs = [(r, *parse_run(r)) for r in args.runs]
+    os.makedirs(args.out, exist_ok=True)
+    raw_path = os.path.join(args.out, "serving_raw.json")
+    doc = {"runs": {}}
+    if args.resume and os.path.exists(args.resume):
+        with open(args.resume) as f:
+            doc = json.load(f)
+    doc.setdefault("invocations", []).append({
+        "command": " ".join([sys.executable, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "device": _gpu_name(), "versions": _versions()})
+    models = os.path.abspath(args.models)
+    tokenizer = os.path.join(models, "tokenizer")
+    t0 = time.time()
+    log = open(os.path.join(args.out, "serving.log"), "a")
+    for name, kind, cfg, flags in runs:
+        if time.time() - t0 > args.deadline_s:
+            print(f"[serving] deadline reached; skipping {name}", flush=True)
+            continue
+        out_json = os.path.join(tempfile.mkdtemp(), "bench.json")
+        cmd = (args.vllm.split() + ["bench"] + KINDS[kind]
+               + ["--model", os.path.join(models, cfg), "--tokenizer", tokenizer,
+                  "--load-format", "dummy", "--output-json", out_json]
+               + [x for f in flags for x in FLAGS[f]])
+        t = time.time()
+        # cwd outside the repo: the folder triton_kernels/ must not shadow vLLM's module.
+        proc = subprocess.run(cmd, cwd=tempfile.gettempdir(), capture_output=True, text=True,
+                              timeout=args.run_timeout_s)
+        text = proc.stdout + proc.stderr
+        rec = {"kind": kind, "config": cfg, "flags": flags, "cmd": " ".join(cmd), "rc": proc.returncode,
+               "wall_s": time.time() - t}
+        for key, pat in PATTERNS.items():
+            m = re.findall(pat, text)
+            if m:
+                rec[key] = float(m[-1].replace(",", ""))
+        if proc.returncode == 0 and os.path.exists(out_json):
+            with open(out_json) as f:
+                rec["result"] = json.load(f)
+        doc["runs"][name] = rec
+        summary = {k: rec.get(k) for k in ("rc", "wall_s", "weight_memory_gib", "kv_cache_tokens")}
+        res = rec.get("result", {})
+        for k in ("tokens_per_second", "requests_per_second", "avg_latency"):
+            if k in res:
+                summary[k] = res[k]
+        print(f"[serving] {name}: {json.dumps(summary)}", flush=True)
+        log.write(f"===== {name} rc={proc.returncode}\n$ {' '.join(cmd)}\n")
+        log.write("\n".join(l for l in text.splitlines()[-60:] if "Warning" not in l) + "\n")
+        log.flush()
+        with open(raw_path + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(raw_path + ".tmp", raw_path)
+        if proc.returncode != 0 and args.stop_on_fail:
+            print(f"[serving] {name} failed; stopping (see serving.log)", flush=True)
+            print("\n".join(text.splitlines()[-40:]), flush=True)
+            break
+
+
+def _gpu_name():
+    try:
+        import torch
+        return torch.cuda.get_device_name()
+    except Exception as e:  # noqa: BLE001 - record why, never fail the benchmark on it
+        return f"unknown ({e})"
+
+
+def _versions():
+    out = {}
+    for mod in ("torch", "triton", "transformers", "vllm"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+if __name__ == "__main__":
+    main()
