@@ -101,16 +101,20 @@ def main(argv=None):
                + [x for f in flags for x in FLAGS[f]])
         t = time.time()
         # cwd outside the repo: the folder triton_kernels/ must not shadow vLLM's module.
-        proc = subprocess.run(cmd, cwd=tempfile.gettempdir(), capture_output=True, text=True,
-                              timeout=args.run_timeout_s)
-        text = proc.stdout + proc.stderr
-        rec = {"kind": kind, "config": cfg, "flags": flags, "cmd": " ".join(cmd), "rc": proc.returncode,
+        try:
+            proc = subprocess.run(cmd, cwd=tempfile.gettempdir(), capture_output=True, text=True,
+                                  timeout=args.run_timeout_s)
+            rc, text = proc.returncode, proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as e:
+            rc = "timeout"
+            text = "".join(x.decode() if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        rec = {"kind": kind, "config": cfg, "flags": flags, "cmd": " ".join(cmd), "rc": rc,
                "wall_s": time.time() - t}
         for key, pat in PATTERNS.items():
             m = re.findall(pat, text)
             if m:
                 rec[key] = float(m[-1].replace(",", ""))
-        if proc.returncode == 0 and os.path.exists(out_json):
+        if rc == 0 and os.path.exists(out_json):
             with open(out_json) as f:
                 rec["result"] = json.load(f)
         doc["runs"][name] = rec
@@ -120,13 +124,13 @@ def main(argv=None):
             if k in res:
                 summary[k] = res[k]
         print(f"[serving] {name}: {json.dumps(summary)}", flush=True)
-        log.write(f"===== {name} rc={proc.returncode}\n$ {' '.join(cmd)}\n")
+        log.write(f"===== {name} rc={rc}\n$ {' '.join(cmd)}\n")
         log.write("\n".join(l for l in text.splitlines()[-60:] if "Warning" not in l) + "\n")
         log.flush()
         with open(raw_path + ".tmp", "w") as f:
             json.dump(doc, f, indent=1)
         os.replace(raw_path + ".tmp", raw_path)
-        if proc.returncode != 0 and args.stop_on_fail:
+        if rc != 0 and args.stop_on_fail:
             print(f"[serving] {name} failed; stopping (see serving.log)", flush=True)
             print("\n".join(text.splitlines()[-40:]), flush=True)
             break

@@ -38,9 +38,17 @@ def ste_act(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
 
 
 def ste_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel symmetric absmax fake quant; identity gradient."""
+    """Per-output-channel symmetric fake quant with the RTN clip search; identity gradient.
+
+    The scale comes from the same MSE clip search the final RTN uses
+    (``format.weight_scale_mse``), so rotations are learned against the
+    quantizer they will be deployed with. (With absmax here, the rotation
+    learned on SmolLM2 lost to its random-Hadamard start once the final RTN
+    weights were used, H100 run 1; that the mismatch caused it is a
+    hypothesis, not a measurement.)
+    """
     wd = w.detach()
-    s = fmt.sym_scale(wd, bits)
+    s = fmt.weight_scale_mse(wd, bits)
     return w + (fmt.dequantize_sym(fmt.quantize_sym(wd, s, bits), s).to(w.dtype) - wd)
 
 

@@ -285,7 +285,9 @@ async def _merge(engine: Engine, jobs: list[tuple[int, list[int], SamplingOption
 
 
 def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    # ASCII-only JSON: generated text may hold U+2028 / U+0085, which line readers built on
+    # str.splitlines (httpx's aiter_lines among them) take for line breaks.
+    return f"data: {json.dumps(payload, ensure_ascii=True)}\n\n"
 
 
 def _engine_error(exc: Exception) -> OpenAIError:

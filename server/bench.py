@@ -80,7 +80,7 @@ async def run(url: str, model: str, concurrency: int, requests: int, prompt_toke
             try:
                 ttft, total, n = await _one(http, url, body)
             # A failed request is counted and reported; the run goes on.
-            except (RuntimeError, httpx.HTTPError) as exc:
+            except (RuntimeError, ValueError, httpx.HTTPError) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 continue
             ttfts.append(ttft)

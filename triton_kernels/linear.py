@@ -23,7 +23,9 @@ import torch
 
 from . import format as fmt
 from .hadamard import decompose, hadamard_transform_ref
-from .w4a4_gemm import QUANT_GEMM_MAX_M, w4a4_gemm, w4a4_matmul_exact, w4a4_quant_gemm
+from .hadamard_quant import hadamard_only, hadamard_quant, hadamard_quant_supported
+from .w4a4_gemm import (QUANT_GEMM_MAX_M, w4a4_gemm, w4a4_matmul_exact, w4a4_quant_gemm, w4a16_gemm,
+                        w4a16_supported)
 
 # Priority order; the reference path is last and accepts every input.
 BACKENDS: tuple[str, ...] = ("triton", "reference")
@@ -139,9 +141,7 @@ def can_implement(backend: str, device: torch.device | str, act_bits: int, K: in
         if not ok:
             return ok, why
         if act_bits == 16:
-            from .w4a4_gemm import w4a16_supported
             return w4a16_supported(K, N)
-        from .hadamard_quant import hadamard_quant_supported
         ok, why = hadamard_quant_supported(K, had_size, act_bits)
         if not ok:
             return False, f"triton: {why}"
@@ -218,20 +218,18 @@ def w4ax_linear(x: torch.Tensor, w: PackedW4, act_bits: int, had_size: int = 0,
     _check_linear(x, w, act_bits, had_size, bias)
     chosen = select_backend(x.device, act_bits, w.K, w.N, had_size,
                             BACKENDS if backend is None else (backend,))
-    if chosen == "reference":
+    if chosen == "reference" or (act_bits == 16 and x.dtype == torch.float32):
+        # (the W4A16 kernel takes 16-bit activations only)
         return w4ax_linear_ref(x, w, act_bits, had_size, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.K)
     if act_bits == 16:
-        from .hadamard_quant import hadamard_only
-        from .w4a4_gemm import w4a16_gemm
         xin = hadamard_only(x2, had_size) if had_size else x2
         y = w4a16_gemm(xin, w, out_dtype=x.dtype, bias=bias)
     elif act_bits == 4 and not had_size and x2.shape[0] <= QUANT_GEMM_MAX_M:
         # decode: the GEMM quantizes its rows itself (bit-identical, one launch)
         y = w4a4_quant_gemm(x2, w, out_dtype=x.dtype, bias=bias)
     else:
-        from .hadamard_quant import hadamard_quant
         q, s, z = hadamard_quant(x2, had_size, act_bits)
         y = w4a4_gemm(q, s, z, w, out_dtype=x.dtype, bias=bias)
     return y.reshape(*lead, w.N)

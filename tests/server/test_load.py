@@ -75,3 +75,12 @@ def test_bench_tool_counts_every_token(live_factory, capsys):
     assert (result["completed"], result["errors"], result["output_tokens"]) == (8, 0, 48)
     assert result["ttft_p50_s"] <= result["latency_p50_s"]
     srv.wait_idle()
+
+
+def test_sse_events_survive_splitlines_readers():
+    """Generated text may hold U+2028 / U+0085: each SSE event must stay one line for any reader."""
+    from spinquant_server.app import _sse
+
+    event = _sse({"choices": [{"text": "a\u2028b\x85c\u2029d\r\n"}]})
+    assert event.endswith("\n\n") and len(event.strip().splitlines()) == 1
+    assert json.loads(event[len("data: "):])["choices"][0]["text"] == "a\u2028b\x85c\u2029d\r\n"
