@@ -175,16 +175,15 @@ def _mul_rn(a, b, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _quotient(v, scale, inv, USE_ASM: tl.constexpr):
-    """v / scale from the reciprocal: t = v * inv, then t += (v - t * scale) * inv
-    with exact FMA residuals. Equals the correctly rounded quotient except in
-    rare cases (the first H100 run without the Newton step moved ~5e-4 of the
-    codes of bf16 rows whose quotients sit exactly on a .5 tie)."""
+    """v / scale for the codes. GPU: v * (1 / scale) (an IEEE division per
+    element is a ~40-instruction subroutine); it differs from the IEEE quotient
+    by an ulp at most, so only exact .5 ties can round the other way (bounded
+    in the tests; on the H100 this form stayed within the bound on every shape,
+    while a Newton-corrected quotient did not: docs/KERNELS.md). Interpreter:
+    the IEEE division itself."""
     if USE_ASM:
-        t = _mul_rn(v, inv, USE_ASM)
-        e = tl.fma(-t, scale, v)
-        return tl.fma(e, inv, t)
+        return v * inv
     else:
-        # the interpreter's fma rounds twice (no exact residual): divide there
         return tl.div_rn(v, scale)
 
 

@@ -460,9 +460,11 @@ def w4a4_gemm(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, w, out_dtype
 
 
 # Largest M for which w4ax_linear quantizes inside the GEMM (no hadamard_quant
-# launch): every program re-reads its rows' full K for the per-token range,
-# cheap for decode batches only.
-QUANT_GEMM_MAX_M = 16
+# launch). Every program re-reads its rows' full K for the per-token range and
+# computes codes in the main loop: on the H100 that made the decode layer
+# slower (qkv M=1: 22.8 us vs 13.6 us for hadamard_quant + w4a4_gemm), so the
+# linear does not use it; the kernel stays, tested, for a later tile design.
+QUANT_GEMM_MAX_M = 0  # off: measured slower than the two launches (docs/KERNELS.md)
 
 
 def w4a4_quant_gemm_ref(x: torch.Tensor, w, out_dtype=None, bias: torch.Tensor | None = None,

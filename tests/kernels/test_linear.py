@@ -13,6 +13,7 @@ from spinquant_kernels.linear import (
 # SQNR floors (dB) of the W4A{bits} layer against the float32 product of the
 # transformed input and the dequantized weight, Gaussian data.
 LAYER_SQNR_FLOOR = {4: 12.0, 8: 30.0, 16: 40.0}
+BF16_OUTPUT_DB = 40.0
 
 
 def _sqnr_db(ref, test):
@@ -35,11 +36,26 @@ def test_linear_matches_reference(lead, K, N, had, act_bits):
     y = w4ax_linear(x, w, act_bits, had, bias=bias)
     yr = w4ax_linear_ref(x, w, act_bits, had, bias=bias)
     assert y.shape == (*lead, N) and y.dtype == x.dtype
-    # exact codes and integer products; bf16 output rounding (and rare +-1 code ties) remain
-    assert _sqnr_db(yr.float(), y.float()) >= 35.0
+    _check_layer(x, qw, w, had, bias, y, yr, act_bits)
+
+
+def _check_layer(x, qw, w, had, bias, y, yr, act_bits):
+    """The kernel is no worse than the reference against the float product.
+
+    A single code that rounds the other way at a tie moves a whole output row
+    (~10 log10(K / flips) dB against the reference): compare both to the
+    unquantized product instead of to each other."""
+    K = x.shape[-1]
     xt = hadamard_transform_ref(x.reshape(-1, K).float(), had) if had else x.reshape(-1, K).float()
-    exact = (xt @ fmt.dequantize_weight(qw, w.scale).T + bias.float()).reshape(*lead, N)
-    assert _sqnr_db(exact, y.float()) >= LAYER_SQNR_FLOOR[act_bits]
+    exact = xt @ fmt.dequantize_weight(qw.to(x.device), w.scale).T
+    if bias is not None:
+        exact = exact + bias.float()
+    exact = exact.reshape(y.shape)
+    db, db_ref = _sqnr_db(exact, y.float()), _sqnr_db(exact, yr.float())
+    # above ~40 dB the bf16 rounding of the output dominates (the CPU interpreter
+    # truncates to bf16 where the GPU rounds): no relative check up there
+    assert db >= min(db_ref - 0.2, BF16_OUTPUT_DB), f"kernel {db:.2f} dB vs reference {db_ref:.2f} dB"
+    assert db >= LAYER_SQNR_FLOOR[act_bits]
 
 
 def test_backend_selection():
@@ -81,4 +97,4 @@ def test_linear_gpu(M, K, N, had, act_bits):
     assert select_backend(x.device, act_bits, K, N, had) == "triton"
     y = w4ax_linear(x, w, act_bits, had)
     yr = w4ax_linear_ref(x, w, act_bits, had)
-    assert _sqnr_db(yr.float(), y.float()) >= 35.0
+    _check_layer(x, qw, w, had, None, y, yr, act_bits)
