@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 
@@ -20,3 +21,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+# Shared test helpers (spinquant_testutils) import by name under --import-mode=importlib.
+sys.path.insert(0, os.path.dirname(__file__))

@@ -11,19 +11,9 @@ import torch
 from spinquant_kernels import format as fmt
 from spinquant_offline import checkpoint, fake_quant, gptq, rotation
 from spinquant_offline.model import tiny_llama
+from spinquant_testutils import byte_tokenizer
 
 
-def byte_tokenizer():
-    """A 257-token byte-level tokenizer (no merges) that builds in milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
 
 
 def quantized_tiny(bias: bool = True, seed: int = 0, **kw):

@@ -1,0 +1,218 @@
+"""Regenerate benchmarks/results/summary.json and REPORT.md from the raw JSON files.
+
+Nothing here measures: every number is read from a raw result file written by
+a benchmark script (accuracy.py, kernels.py, serving_bench.py), which records
+its command, device, versions and date. Keys that were not measured are left
+out (../shared/RESULTS.md).
+
+    python benchmarks/report.py            # reads and writes benchmarks/results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import statistics
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+ACC_METHODS = ("none_rtn", "hadamard_rtn", "learned_rtn", "hadamard_gptq", "learned_gptq")
+SPEEDUP_M = (1, 16, 2048, 8192)
+SERVING_KEYS = {"bf16": "bf16", "bf16+fp8": "fp8", "bf16+fp8+fp8kv": "fp8_kv8", "bf16+int4kv": "bf16_int4kv",
+                "spinquant_w4a4kv16": "spinquant_w4a4kv16", "spinquant_w4a4kv4": "spinquant_w4a4kv4"}
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _geomean(xs):
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+# ----------------------------------------------------------------------------
+# accuracy
+# ----------------------------------------------------------------------------
+def accuracy_section(files):
+    jobs, sources = {}, []
+    header = None
+    for path in files:
+        d = _load(path)
+        header = header or d
+        sources.append({"file": os.path.relpath(path, RESULTS), "command": d.get("command"),
+                        "device": d.get("device"), "date": d.get("date"), "versions": d.get("versions")})
+        jobs.update(d.get("jobs", {}))
+    if not jobs:
+        return None, []
+    out = {"model": header.get("model"), "eval_text": header.get("eval_text"), "sources": sources}
+    if "fp16/fp16/s0" in jobs:
+        fp = jobs["fp16/fp16/s0"]
+        out["fp16"] = {k: fp[k] for k in ("ppl", "zeroshot8_avg") if k in fp}
+    table = []
+    for bits in ("W4A4KV4", "W4A4KV16", "W4A16KV16"):
+        sec = {}
+        for m in ACC_METHODS:
+            recs = sorted((j for j in jobs.values() if j.get("bits") == bits and j.get("method") == m),
+                          key=lambda j: j["seed"])
+            if not recs:
+                continue
+            if m == "none_rtn":
+                sec[m] = {k: recs[0][k] for k in ("ppl", "zeroshot8_avg") if k in recs[0]}
+            else:
+                sec[m] = {"ppl": [r["ppl"] for r in recs], "seeds": [r["seed"] for r in recs]}
+                zs = [r["zeroshot8_avg"] for r in recs if "zeroshot8_avg" in r]
+                if zs:
+                    sec[m]["zeroshot8_avg"] = zs
+            for r in recs:
+                table.append((bits, m, r["seed"], r["ppl"], r.get("zeroshot8_avg"),
+                              r.get("learning", {}).get("seconds")))
+        if sec:
+            out[bits] = sec
+    return out, table
+
+
+# ----------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------
+def kernels_section(path):
+    d = _load(path)
+    rows = d["rows"]
+    best = lambda r: min(v for k, v in r.items() if k.startswith("w4a4_layer_") and k.endswith("_us"))
+    vs_bf16, vs_fp8 = {}, {}
+    for M in SPEEDUP_M:
+        rs = [r for r in rows if r["M"] == M]
+        if rs:
+            vs_bf16[str(M)] = round(_geomean([r["bf16_us"] / best(r) for r in rs]), 3)
+            vs_fp8[str(M)] = round(_geomean([r["fp8_gemm_us"] / best(r) for r in rs]), 3)
+    big = [r for r in rows if r["M"] >= 1024]
+    hq_all = max(r["hq_us"] / r["copy_us"] for r in big)
+    hq_plain = max(r["hq_us"] / r["copy_us"] for r in big if not r.get("had_size"))
+    return {
+        "device": d["device"], "source": os.path.relpath(path, RESULTS), "command": d.get("command"),
+        "date": d.get("date_utc"), "versions": {"torch": d.get("torch"), "triton": d.get("triton")},
+        "w4a4_layer_speedup_vs_bf16": vs_bf16,
+        "w4a4_layer_speedup_vs_fp8": vs_fp8,
+        "w4a4_layer_speedup_note": "geomean over the Llama-3-8B qkv/o/gate_up/down shapes; W4A4 layer = "
+                                   "hadamard_quant + GEMM from bf16 x to bf16 y; fp8 = torch._scaled_mm alone "
+                                   "(its activation quantization not counted)",
+        "hadamard_quant_vs_copy": round(hq_all, 3),
+        "hadamard_quant_vs_copy_without_hadamard": round(hq_plain, 3),
+    }, rows
+
+
+# ----------------------------------------------------------------------------
+# serving
+# ----------------------------------------------------------------------------
+def serving_section(files):
+    runs, invocations = {}, []
+    for path in files:
+        d = _load(path)
+        runs.update(d.get("runs", {}))
+        invocations += [dict(i, file=os.path.relpath(path, RESULTS)) for i in d.get("invocations", [])]
+    if not runs:
+        return None
+    out = {"device": invocations[0]["device"] if invocations else None,
+           "workload": "vllm bench throughput, random, 1024 in / 256 out, 400 prompts, Llama-3-8B shapes "
+                       "(dummy weights)",
+           "invocations": invocations, "output_tok_s": {}, "latency_bs1_s": {},
+           "kv_capacity_tokens": {}, "weight_memory_gib": {}}
+    for name, rec in runs.items():
+        kind, cfg = name.split(":", 1)
+        key = SERVING_KEYS.get(cfg)
+        res = rec.get("result") or {}
+        if rec.get("rc") != 0 or key is None:
+            continue
+        if kind == "tp":
+            out_len = int(rec["cmd"].split("--output-len")[1].split()[0])
+            out["output_tok_s"][key] = round(res["num_requests"] * out_len / res["elapsed_time"], 1)
+            if "kv_cache_tokens" in rec:
+                out["kv_capacity_tokens"][key] = int(rec["kv_cache_tokens"])
+            if "weight_memory_gib" in rec:
+                out["weight_memory_gib"]["spinquant" if key.startswith("spinquant") else key] = \
+                    rec["weight_memory_gib"]
+        elif kind == "lat1":
+            out["latency_bs1_s"][key] = round(res["avg_latency"], 4)
+    eager = [n for n in runs if n.startswith("lat1:") and n.endswith("+eager")]
+    if eager:
+        out["latency_bs1_eager_s"] = {n.split(":")[1]: round(runs[n]["result"]["avg_latency"], 4)
+                                      for n in eager if runs[n].get("rc") == 0}
+    return {k: v for k, v in out.items() if v != {}}
+
+
+# ----------------------------------------------------------------------------
+def write_report(summary, acc_table, kernel_rows, path):
+    L = ["# SpinQuant-vLLM results", "",
+         "Generated by `python benchmarks/report.py` from the raw JSON files in this folder; do not edit by hand.",
+         "Every number below is traceable to its raw file, which records the command, device, versions and date.", ""]
+    acc = summary.get("accuracy")
+    if acc:
+        L += ["## Accuracy: " + str(acc.get("model")), "",
+              f"Perplexity on {acc.get('eval_text')}, 2048-token windows; zero-shot = mean accuracy over the eight "
+              "tasks (ARC-e, ARC-c, BoolQ, HellaSwag, OBQA, PIQA, SIQA, WinoGrande), full validation sets.", "",
+              "| bits | method | seed | ppl | zero-shot avg | rotation learning (s, H100) |", "|---|---|---:|---:|---:|---:|"]
+        fp = acc.get("fp16", {})
+        if fp:
+            L.append(f"| FP16 | - | - | {fp['ppl']:.2f} | {fp.get('zeroshot8_avg', float('nan')):.4f} | - |")
+        for bits, m, seed, ppl, zs, secs in acc_table:
+            L.append(f"| {bits} | {m} | {seed} | {ppl:.2f} | {'' if zs is None else f'{zs:.4f}'} | "
+                     f"{'' if secs is None else f'{secs:.0f}'} |")
+        L.append("")
+        w = acc.get("W4A4KV4", {})
+        if fp and "hadamard_rtn" in w and "learned_rtn" in w:
+            had = statistics.mean(w["hadamard_rtn"]["ppl"]) - fp["ppl"]
+            lrn = statistics.mean(w["learned_rtn"]["ppl"]) - fp["ppl"]
+            L += [f"W4A4KV4 RTN: learned gap to FP16 / random-Hadamard gap = {lrn / had:.2f} "
+                  "(issue target <= 0.40).", ""]
+    k = summary.get("kernels")
+    if k:
+        L += ["## Kernels (" + k["device"] + ")", "",
+              f"Source `{k['source']}`. {k['w4a4_layer_speedup_note']}.", "",
+              "| M | W4A4 layer vs bf16 | vs fp8 GEMM |", "|---:|---:|---:|"]
+        for M in k["w4a4_layer_speedup_vs_bf16"]:
+            L.append(f"| {M} | {k['w4a4_layer_speedup_vs_bf16'][M]:.2f}x | {k['w4a4_layer_speedup_vs_fp8'][M]:.2f}x |")
+        L += ["", f"hadamard_quant / copy of the same bytes (worst row, M >= 1024): {k['hadamard_quant_vs_copy']:.2f} "
+              f"(without a Hadamard: {k['hadamard_quant_vs_copy_without_hadamard']:.2f}). Per-shape table and "
+              "ceiling arithmetic: `kernels_h100.md`, `../../docs/KERNELS.md`.", ""]
+    s = summary.get("serving")
+    if s:
+        L += ["## Serving (" + str(s.get("device")) + ")", "", s["workload"] + ".", "",
+              "| config | output tok/s | vs bf16 | vs fp8 | weight memory GiB | KV capacity tokens |",
+              "|---|---:|---:|---:|---:|---:|"]
+        tp = s.get("output_tok_s", {})
+        for key, v in tp.items():
+            wm = s.get("weight_memory_gib", {}).get("spinquant" if key.startswith("spinquant") else key, "")
+            L.append(f"| {key} | {v:.0f} | {v / tp['bf16']:.2f}x | "
+                     f"{(v / tp['fp8']) if 'fp8' in tp else float('nan'):.2f}x | {wm} | "
+                     f"{s.get('kv_capacity_tokens', {}).get(key, '')} |" if "bf16" in tp else f"| {key} | {v:.0f} |")
+        L += ["", "Invocations:"] + [f"- `{i['command']}` ({i['date']}, {i['device']}, {i['versions']})"
+                                     for i in s.get("invocations", [])] + [""]
+    with open(path, "w") as f:
+        f.write("\n".join(L))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=RESULTS)
+    args = ap.parse_args(argv)
+    summary, acc_table, krows = {}, [], []
+    acc, acc_table = accuracy_section(sorted(glob.glob(os.path.join(args.results, "accuracy", "*_raw.json"))))
+    if acc:
+        summary["accuracy"] = acc
+    kpath = os.path.join(args.results, "kernels_h100.json")
+    if os.path.exists(kpath):
+        summary["kernels"], krows = kernels_section(kpath)
+    serv = serving_section(sorted(glob.glob(os.path.join(args.results, "serving", "*_raw.json"))))
+    if serv:
+        summary["serving"] = serv
+    with open(os.path.join(args.results, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    write_report(summary, acc_table, krows, os.path.join(args.results, "REPORT.md"))
+    print(json.dumps({k: list(v) for k, v in summary.items()}))
+
+
+if __name__ == "__main__":
+    main()
