@@ -289,15 +289,24 @@ def weight_scale_mse(w: torch.Tensor, bits: int, grid: int = 100, max_shrink: fl
     if w.dim() != 2:
         raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(w.shape)}")
     wf = w.float()
-    best_err = torch.full((wf.shape[0], 1), float("inf"), device=w.device)
-    best = sym_scale(wf, bits)
-    for i in range(int(max_shrink * grid) + 1):
-        clip = 1.0 - i / grid
-        s = sym_scale(wf, bits, clip)
-        err = (dequantize_sym(quantize_sym(wf, s, bits), s) - wf).abs().pow(norm).sum(1, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, s, best)
+    N, K = wf.shape
+    amax = wf.abs().amax(dim=1, keepdim=True)  # (N, 1)
+    clips = 1.0 - torch.arange(int(max_shrink * grid) + 1, dtype=torch.float64) / grid
+    # Several clip ratios per pass (a (c, N, K) block of at most ~16M elements):
+    # the per-ratio loop cost ~800 small kernel launches per weight, which
+    # dominated rotation learning where this runs at every step.
+    chunk = max(1, (1 << 24) // max(1, N * K))
+    best_err = torch.full((N, 1), float("inf"), device=w.device)
+    best = torch.clamp(amax / qmax(bits), min=MIN_SCALE)
+    for c0 in range(0, len(clips), chunk):
+        c = clips[c0:c0 + chunk].to(device=w.device, dtype=torch.float32)[:, None, None]  # (c, 1, 1)
+        sc = torch.clamp(amax[None] * c / qmax(bits), min=MIN_SCALE)  # (c, N, 1)
+        q = torch.clamp(torch.round(wf[None] / sc), qmin(bits), qmax(bits))
+        err = (q * sc - wf[None]).abs().pow(norm).sum(-1, keepdim=True)  # (c, N, 1)
+        e_min, idx = err.min(dim=0)  # first minimum: the largest clip among ties
+        better = e_min < best_err
+        best_err = torch.where(better, e_min, best_err)
+        best = torch.where(better, sc.gather(0, idx[None]).squeeze(0), best)
     return best
 
 
