@@ -167,6 +167,15 @@ def write_report(summary, acc_table, kernel_rows, path):
             lrn = statistics.mean(w["learned_rtn"]["ppl"]) - fp["ppl"]
             L += [f"W4A4KV4 RTN: learned gap to FP16 / random-Hadamard gap = {lrn / had:.2f} "
                   "(issue target <= 0.40).", ""]
+    kpath = os.path.join(os.path.dirname(path), "accuracy", "kurtosis.json")
+    if os.path.exists(kpath):
+        kd = _load(kpath)["kurtosis"]
+        types = list(next(iter(kd.values())))
+        L += ["### Activation kurtosis (max over layers; `accuracy/kurtosis.png`)", "",
+              "| rotation | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
+        for name, per in kd.items():
+            L.append(f"| {name} | " + " | ".join(f"{max(per[t]):.1f}" for t in types) + " |")
+        L.append("")
     k = summary.get("kernels")
     if k:
         L += ["## Kernels (" + k["device"] + ")", "",
