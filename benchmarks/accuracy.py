@@ -60,6 +60,8 @@ def main(argv=None):
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=pipeline.PipelineOptions.steps)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--weight-clip-search", action=argparse.BooleanOptionalAction,
+                    default=pipeline.PipelineOptions.weight_clip_search)
     ap.add_argument("--calib-samples", type=int, default=pipeline.PipelineOptions.calib_samples)
     ap.add_argument("--gptq-samples", type=int, default=pipeline.PipelineOptions.gptq_samples)
     ap.add_argument("--seqlen", type=int, default=pipeline.PipelineOptions.seqlen)
@@ -154,6 +156,7 @@ def main(argv=None):
             opts = pipeline.PipelineOptions(steps=args.steps, calib_samples=args.calib_samples,
                                             seqlen=args.seqlen, batch_size=args.batch_size, seed=seed,
                                             gptq_samples=args.gptq_samples, device=args.device,
+                                            weight_clip_search=args.weight_clip_search,
                                             progress=False)
             model, cfg, meta = pipeline.build(model, tok, cfg, opts, calib_ids=calib)
             R1, R2s = meta.pop("rotations")

@@ -167,6 +167,14 @@ def write_report(summary, acc_table, kernel_rows, path):
             lrn = statistics.mean(w["learned_rtn"]["ppl"]) - fp["ppl"]
             L += [f"W4A4KV4 RTN: learned gap to FP16 / random-Hadamard gap = {lrn / had:.2f} "
                   "(issue target <= 0.40).", ""]
+    apath = os.path.join(os.path.dirname(path), "accuracy", "rotation_ablation_cpu.json")
+    if os.path.exists(apath):
+        ab = _load(apath)
+        L += ["### Learned vs random-Hadamard rotation under two RTN weight quantizers (W4A4KV4)", "",
+              f"`accuracy/rotation_ablation_cpu.json`: first {ab['windows']} held-out windows of 2048 tokens, "
+              f"device {ab['device']}; the learned rotation is the H100 one (learned with absmax weight fake "
+              "quant).", "", "| rotation / weight scales | ppl |", "|---|---:|"]
+        L += [f"| {k} | {v:.2f} |" for k, v in ab["ppl"].items()] + [""]
     kpath = os.path.join(os.path.dirname(path), "accuracy", "kurtosis.json")
     if os.path.exists(kpath):
         kd = _load(kpath)["kurtosis"]

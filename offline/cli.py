@@ -31,6 +31,7 @@ _HELP = {
     "seed": "seed of the random Hadamard init and of the calibration windows",
     "gptq_samples": "calibration windows for GPTQ",
     "act_order": "GPTQ: quantize columns in order of decreasing Hessian diagonal",
+    "weight_clip_search": "weight scales by the MSE clip search (else absmax), in learning and quantization",
     "device": "torch device for the pipeline (cpu, cuda, cuda:1, ...)",
     "progress": "show progress bars",
     "act_clip": "activation clipping ratio (1.0 = min-max)",

@@ -37,7 +37,7 @@ def ste_act(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
     return x + (fmt.fake_quant_asym(x.detach(), bits, clip) - x).detach()
 
 
-def ste_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+def ste_weight(w: torch.Tensor, bits: int, clip_search: bool = True) -> torch.Tensor:
     """Per-output-channel symmetric fake quant with the RTN clip search; identity gradient.
 
     The scale comes from the same MSE clip search the final RTN uses
@@ -48,7 +48,7 @@ def ste_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     hypothesis, not a measurement.)
     """
     wd = w.detach()
-    s = fmt.weight_scale_mse(wd, bits)
+    s = fmt.weight_scale_mse(wd, bits) if clip_search else fmt.sym_scale(wd, bits)
     return w + (fmt.dequantize_sym(fmt.quantize_sym(wd, s, bits), s).to(w.dtype) - wd)
 
 
@@ -69,6 +69,7 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
         self.act_bits, self.act_clip, self.had_size = act_bits, act_clip, had_size
         self.weight_fake_bits: int | None = None
+        self.weight_clip_search = True
         self.register_buffer("weight_codes", None, persistent=False)
         self.register_buffer("weight_scale", None, persistent=False)
         # Set by GPTQ calibration: called with the layer input as the GEMM sees it.
@@ -99,7 +100,7 @@ class QuantLinear(nn.Module):
         x = ste_act(x, self.act_bits, self.act_clip)
         w = self.weight
         if self.weight_fake_bits is not None:
-            w = ste_weight(w, self.weight_fake_bits)
+            w = ste_weight(w, self.weight_fake_bits, self.weight_clip_search)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
@@ -181,7 +182,11 @@ def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def set_weight_fake_bits(model: nn.Module, bits: int | None) -> None:
-    """Turn on (``bits``) or off (None) on-the-fly weight fake quant for all QuantLinears."""
+def set_weight_fake_bits(model: nn.Module, bits: int | None, clip_search: bool = True) -> None:
+    """Turn on (``bits``) or off (None) on-the-fly weight fake quant for all QuantLinears.
+
+    ``clip_search``: MSE clip search (as the final RTN) or plain absmax scales.
+    """
     for m in quant_linears(model).values():
         m.weight_fake_bits = bits
+        m.weight_clip_search = clip_search

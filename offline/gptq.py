@@ -21,21 +21,21 @@ from .fake_quant import QuantLinear, quant_linears
 
 
 @torch.no_grad()
-def rtn(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest with the MSE clip search: ``(q (N,K) int8, scale (N,) f32)``."""
-    return fmt.quantize_weight(w, bits, mse=True)
+def rtn(w: torch.Tensor, bits: int, clip_search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest (MSE clip search or absmax scales): ``(q (N,K) int8, scale (N,) f32)``."""
+    return fmt.quantize_weight(w, bits, mse=clip_search)
 
 
 @torch.no_grad()
 def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, block: int = 128, damp: float = 0.01,
-         act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+         act_order: bool = False, clip_search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of ``w (N, K)`` with Hessian ``H (K, K)``: ``(q (N,K) int8, scale (N,) f32)``."""
     N, K = w.shape
     if tuple(H.shape) != (K, K):
         raise ValueError(f"Hessian must be ({K}, {K}) for a weight of shape {(N, K)}, got {tuple(H.shape)}")
     W = w.detach().clone().float()
     H = H.detach().clone().float()
-    scale = fmt.weight_scale_mse(W, bits)  # (N, 1)
+    scale = fmt.weight_scale_mse(W, bits) if clip_search else fmt.sym_scale(W, bits)  # (N, 1)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -83,22 +83,27 @@ class _Hessian:
 
 @torch.no_grad()
 def quantize_weights(model: nn.Module, cfg: fmt.SpinQuantConfig, calib_ids: torch.Tensor | None = None,
-                     act_order: bool = False, progress: bool = True) -> dict[str, QuantLinear]:
-    """Quantize every QuantLinear's weight (RTN or GPTQ per ``cfg.weight_method``), in place."""
+                     act_order: bool = False, progress: bool = True, clip_search: bool = True
+                     ) -> dict[str, QuantLinear]:
+    """Quantize every QuantLinear's weight (RTN or GPTQ per ``cfg.weight_method``), in place.
+
+    ``clip_search`` chooses the per-channel scales by the MSE clip search
+    (default) or as plain absmax.
+    """
     linears = quant_linears(model)
     if not linears:
         raise ValueError("model has no QuantLinear layers: call fake_quant.install(model, cfg) first")
     if cfg.weight_method == fmt.WeightMethod.RTN:
         for lin in linears.values():
-            lin.set_quantized_weight(*rtn(lin.weight, cfg.weight_bits))
+            lin.set_quantized_weight(*rtn(lin.weight, cfg.weight_bits, clip_search))
         return linears
     if calib_ids is None:
         raise ValueError("GPTQ needs calibration ids (n, seqlen); got None")
-    _gptq_sequential(model, cfg, calib_ids, act_order, progress)
+    _gptq_sequential(model, cfg, calib_ids, act_order, progress, clip_search)
     return linears
 
 
-def _gptq_sequential(model, cfg, calib_ids, act_order, progress):
+def _gptq_sequential(model, cfg, calib_ids, act_order, progress, clip_search):
     device = next(model.parameters()).device
     layers = model.model.layers
     inputs: list[tuple[tuple, dict]] = []
@@ -131,7 +136,8 @@ def _gptq_sequential(model, cfg, calib_ids, act_order, progress):
             for m in lins.values():
                 m.input_hook = None
         for n, m in lins.items():
-            m.set_quantized_weight(*gptq(m.weight, hs[n].H, cfg.weight_bits, act_order=act_order))
+            m.set_quantized_weight(*gptq(m.weight, hs[n].H, cfg.weight_bits, act_order=act_order,
+                                         clip_search=clip_search))
         new_inputs = []
         for args, kwargs in inputs:
             out = layer(*args, **kwargs)

@@ -24,7 +24,7 @@ def learn_rotations(model: nn.Module, cfg: fmt.SpinQuantConfig, calib_ids: torch
                     steps: int = 100, lr: float = 1.5, batch_size: int = 1,
                     R1: torch.Tensor | None = None, R2s: list[torch.Tensor] | None = None,
                     generator: torch.Generator | None = None, weight_fake_bits: int | None = None,
-                    progress: bool = True) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
+                    progress: bool = True, weight_clip_search: bool = True) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
     """Learn ``(R1, R2s)`` for ``model``; returns them in float64 plus a history.
 
     ``model`` must be norm-fused (``rotation.fuse_norms``) with the fake quant
@@ -32,7 +32,8 @@ def learn_rotations(model: nn.Module, cfg: fmt.SpinQuantConfig, calib_ids: torch
     ``calib_ids (n, seqlen)`` are the calibration windows; each step takes
     ``batch_size`` of them in order (wrapping around). ``weight_fake_bits``
     fake-quantizes weights during learning (the paper learns with W16 when
-    GPTQ follows and with quantized weights for RTN). The learning rate
+    GPTQ follows and with quantized weights for RTN); ``weight_clip_search``
+    picks its scales as the final RTN will (MSE clip search or absmax). The learning rate
     decays linearly from ``lr`` to 0.
     """
     if calib_ids.dim() != 2:
@@ -47,7 +48,7 @@ def learn_rotations(model: nn.Module, cfg: fmt.SpinQuantConfig, calib_ids: torch
     R2p = [nn.Parameter(r.to(device=device, dtype=torch.float32)) for r in R2s]
     opt = CayleySGD([R1p, *R2p], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / steps))
-    fake_quant.set_weight_fake_bits(model, weight_fake_bits)
+    fake_quant.set_weight_fake_bits(model, weight_fake_bits, weight_clip_search)
     was_training = model.training
     model.eval()
     history: dict = {"loss": [], "lr": [], "seconds": 0.0}

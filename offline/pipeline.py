@@ -32,6 +32,8 @@ class PipelineOptions:
     seed: int = 0
     gptq_samples: int = 128
     act_order: bool = False
+    # Weight scales by the MSE clip search (True) or absmax, in learning and final quantization alike.
+    weight_clip_search: bool = True
     device: str = "cpu"
     progress: bool = True
 
@@ -125,7 +127,8 @@ def build(model: nn.Module, tokenizer, cfg: fmt.SpinQuantConfig, opts: PipelineO
         R1, R2s, hist = learn_rotations(
             model, cfg, calib_ids[:opts.calib_samples], steps=opts.steps, lr=opts.lr,
             batch_size=opts.batch_size, R1=R1, R2s=R2s,
-            weight_fake_bits=learning_weight_bits(cfg), progress=opts.progress)
+            weight_fake_bits=learning_weight_bits(cfg), progress=opts.progress,
+            weight_clip_search=opts.weight_clip_search)
         meta["learning"] = hist
     meta["rotations"] = (R1, R2s)
     meta["timings_s"]["rotation"] = time.time() - t0
@@ -133,7 +136,8 @@ def build(model: nn.Module, tokenizer, cfg: fmt.SpinQuantConfig, opts: PipelineO
         rotation.absorb_rotations(model, R1, R2s, cfg.r4_size)
     t0 = time.time()
     gptq.quantize_weights(model, cfg, None if calib_ids is None else calib_ids[:opts.gptq_samples],
-                          act_order=opts.act_order, progress=opts.progress)
+                          act_order=opts.act_order, progress=opts.progress,
+                          clip_search=opts.weight_clip_search)
     meta["timings_s"]["weights"] = time.time() - t0
     return model, cfg, meta
 
