@@ -38,14 +38,13 @@ def ste_act(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
 
 
 def ste_weight(w: torch.Tensor, bits: int, clip_search: bool = True) -> torch.Tensor:
-    """Per-output-channel symmetric fake quant with the RTN clip search; identity gradient.
+    """Per-output-channel symmetric fake quant; identity gradient.
 
-    The scale comes from the same MSE clip search the final RTN uses
-    (``format.weight_scale_mse``), so rotations are learned against the
-    quantizer they will be deployed with. (With absmax here, the rotation
-    learned on SmolLM2 lost to its random-Hadamard start once the final RTN
-    weights were used, H100 run 1; that the mismatch caused it is a
-    hypothesis, not a measurement.)
+    Scales as the final RTN picks them: the MSE clip search
+    (``format.weight_scale_mse``) or plain absmax. Rotations must be learned
+    against the quantizer they are deployed with: on SmolLM2 a rotation learned
+    with absmax scales gave ppl 57.7 with absmax RTN but 147 with MSE-clipped
+    RTN (benchmarks/results/accuracy/rotation_ablation_cpu.json).
     """
     wd = w.detach()
     s = fmt.weight_scale_mse(wd, bits) if clip_search else fmt.sym_scale(wd, bits)

@@ -100,3 +100,29 @@ def test_learning_lowers_the_quantized_loss_and_keeps_orthogonality():
     assert sum(hist["loss"][-5:]) / 5 < sum(hist["loss"][:5]) / 5
     assert orthogonality_error(R1n) < 1e-5
     assert all(orthogonality_error(r) < 1e-5 for r in R2n)
+
+
+@pytest.mark.parametrize("clip_search", [True, False])
+def test_weight_clip_search_option_reaches_learning_and_rtn(clip_search):
+    m = tiny_llama(dtype=torch.float32, intermediate=96)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    cfg = fmt.SpinQuantConfig.from_preset("W4A4KV4", rotation="learned", weight_method="rtn")
+    opts = pipeline.PipelineOptions(steps=2, calib_samples=2, gptq_samples=2, seqlen=16, progress=False,
+                                    weight_clip_search=clip_search)
+    seen = []
+    orig = fake_quant.ste_weight
+
+    def spy(w, bits, cs=True):
+        seen.append(cs)
+        return orig(w, bits, cs)
+
+    fake_quant.ste_weight, saved = spy, fake_quant.ste_weight
+    try:
+        m, cfg, _ = pipeline.build(m, None, cfg, opts, calib_ids=ids)
+    finally:
+        fake_quant.ste_weight = saved
+    assert seen and set(seen) == {clip_search}
+    for lin in fake_quant.quant_linears(m).values():
+        absmax = fmt.sym_scale(lin.weight_codes.float() * lin.weight_scale[:, None], 4).squeeze(1)
+        # absmax scales reproduce themselves exactly; the clip search picks smaller ones somewhere
+        assert torch.allclose(lin.weight_scale, absmax) == (not clip_search)
