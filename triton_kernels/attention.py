@@ -74,6 +74,26 @@ def _check_common(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                          f"got {tuple(seq_lens.shape)}")
 
 
+def _check_varlen(q, kv_cache, block_table, seq_lens, cu_seqlens_q, out):
+    """Shared argument checks of the decode and prefill wrappers; allocates ``out``.
+
+    Returns ``(out, num_kv_heads, T, Hq, D, S)``.
+    """
+    num_kv_heads = kv_cache.shape[1]
+    _check_common(q, kv_cache, block_table, seq_lens, num_kv_heads)
+    T, Hq, D = q.shape
+    S = seq_lens.shape[0]
+    if cu_seqlens_q.shape[0] != S + 1:
+        raise ValueError(f"cu_seqlens_q must have num_seqs+1={S + 1} entries, "
+                         f"got {cu_seqlens_q.shape[0]}")
+    if out is None:
+        out = torch.empty_like(q)
+    if out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} with a contiguous head_dim, "
+                         f"got {tuple(out.shape)} strides {out.stride()}")
+    return out, num_kv_heads, T, Hq, D, S
+
+
 def _rotated_query(q: torch.Tensor, had_size: int | None, hadamard: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.dtype]:
     """``q (T, Hq, D)`` -> ``q @ cat(H[:, 0::2], H[:, 1::2])`` (T, Hq, D) in the dot dtype.
@@ -363,18 +383,7 @@ def kv4_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     score and per output row instead; same result up to float rounding).
     Equivalent to :func:`kv4_decode_attention_ref`.
     """
-    num_kv_heads = kv_cache.shape[1]
-    _check_common(q, kv_cache, block_table, seq_lens, num_kv_heads)
-    T, Hq, D = q.shape
-    S = seq_lens.shape[0]
-    if cu_seqlens_q.shape[0] != S + 1:
-        raise ValueError(f"cu_seqlens_q must have num_seqs+1={S + 1} entries, "
-                         f"got {cu_seqlens_q.shape[0]}")
-    if out is None:
-        out = torch.empty_like(q)
-    if out.shape != q.shape or out.stride(2) != 1:
-        raise ValueError(f"out must be {tuple(q.shape)} with a contiguous head_dim, "
-                         f"got {tuple(out.shape)} strides {out.stride()}")
+    out, num_kv_heads, T, Hq, D, S = _check_varlen(q, kv_cache, block_table, seq_lens, cu_seqlens_q, out)
     if S == 0:
         return out
     qr, dt = _rotated_query(q, had_size, hadamard)
@@ -494,18 +503,7 @@ def kv4_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
     arguments as :func:`kv4_decode_attention`. Equivalent to
     :func:`kv4_prefill_attention_ref`.
     """
-    num_kv_heads = kv_cache.shape[1]
-    _check_common(q, kv_cache, block_table, seq_lens, num_kv_heads)
-    T, Hq, D = q.shape
-    S = seq_lens.shape[0]
-    if cu_seqlens_q.shape[0] != S + 1:
-        raise ValueError(f"cu_seqlens_q must have num_seqs+1={S + 1} entries, "
-                         f"got {cu_seqlens_q.shape[0]}")
-    if out is None:
-        out = torch.empty_like(q)
-    if out.shape != q.shape or out.stride(2) != 1:
-        raise ValueError(f"out must be {tuple(q.shape)} with a contiguous head_dim, "
-                         f"got {tuple(out.shape)} strides {out.stride()}")
+    out, num_kv_heads, T, Hq, D, S = _check_varlen(q, kv_cache, block_table, seq_lens, cu_seqlens_q, out)
     if S == 0 or max_query_len <= 0:
         return out
     qr, dt = _rotated_query(q, had_size, hadamard)
