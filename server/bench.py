@@ -66,6 +66,7 @@ async def run(url: str, model: str, concurrency: int, requests: int, prompt_toke
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     ttfts: list[float] = []
     totals: list[float] = []
+    tpots: list[float] = []  # time per output token after the first
     tokens = 0
     errors: list[str] = []
     next_index = 0
@@ -85,6 +86,8 @@ async def run(url: str, model: str, concurrency: int, requests: int, prompt_toke
                 continue
             ttfts.append(ttft)
             totals.append(total)
+            if n > 1:
+                tpots.append((total - ttft) / (n - 1))
             tokens += n
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -98,6 +101,7 @@ async def run(url: str, model: str, concurrency: int, requests: int, prompt_toke
         "first_errors": errors[:3], "requests_per_s": round(len(totals) / wall, 3),
         "output_tokens_per_s": round(tokens / wall, 1), "output_tokens": tokens,
         "ttft_p50_s": _percentile(ttfts, 50), "ttft_p99_s": _percentile(ttfts, 99),
+        "tpot_p50_s": _percentile(tpots, 50), "tpot_p99_s": _percentile(tpots, 99),
         "latency_p50_s": _percentile(totals, 50), "latency_p99_s": _percentile(totals, 99),
         "latency_mean_s": statistics.fmean(totals) if totals else None,
     }
