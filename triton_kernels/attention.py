@@ -633,8 +633,6 @@ def kv4_prefill_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tab
                           had_size, out)
 
 
-
-
 def kv4_prefill_attention_dense_ref(q: torch.Tensor, kv_cache: torch.Tensor,
                                     block_table: torch.Tensor, seq_lens: torch.Tensor,
                                     cu_seqlens_q: torch.Tensor, sm_scale: float,
