@@ -45,8 +45,10 @@ def jobs(bits_list, seeds, methods):
     return out
 
 
-def job_key(bits, method, seed):
-    return f"{bits}/{method}/s{seed}"
+def job_key(bits, method, seed, weight_quantizer="mse"):
+    """``BITS/METHOD/sSEED``; jobs with absmax weight scales (no clip search) end in ``/absmax``."""
+    key = f"{bits}/{method}/s{seed}"
+    return key + "/absmax" if method != "fp16" and weight_quantizer == "absmax" else key
 
 
 def main(argv=None):
@@ -71,7 +73,10 @@ def main(argv=None):
     ap.add_argument("--zeroshot-limit", type=int, default=None)
     ap.add_argument("--zs-batch-tokens", type=int, default=32768, help="tokens per zero-shot batch")
     ap.add_argument("--ppl-batch", type=int, default=8, help="2048-token windows per perplexity batch")
+    ap.add_argument("--save-checkpoints", default=None, metavar="DIR",
+                    help="also write the checkpoint of each seed-0 learned_gptq job to DIR/BITS (for serving)")
     args = ap.parse_args(argv)
+    weight_quantizer = "mse" if args.weight_clip_search else "absmax"
 
     os.makedirs(args.out, exist_ok=True)
     raw_path = os.path.join(args.out, "accuracy_raw.json")
@@ -136,7 +141,7 @@ def main(argv=None):
 
     kurt = {}
     for bits, method, seed in jobs(args.bits, args.seeds, args.methods):
-        key = job_key(bits, method, seed)
+        key = job_key(bits, method, seed, weight_quantizer)
         if key in results:
             continue
         if time.time() - t_start > args.budget_s:
@@ -144,6 +149,8 @@ def main(argv=None):
             break
         t0 = time.time()
         rec: dict = {"bits": bits, "method": method, "seed": seed}
+        if method != "fp16":
+            rec["weight_quantizer"] = weight_quantizer
         model = copy.deepcopy(base)
         if method == "fp16":
             kurt["fp16"] = evaluate.kurtosis(fake_quant.install(
@@ -173,6 +180,14 @@ def main(argv=None):
                 kurt[method] = evaluate.kurtosis(_sixteen_bit_view(model, cfg), eval_ids, seqlen=args.seqlen)
                 fake_quant.install(model, cfg)
             evaluate_model(model, bits, seed, rec)
+            if args.save_checkpoints and method == "learned_gptq" and seed == args.seeds[0]:
+                from spinquant_offline.checkpoint import save_checkpoint
+                ck = os.path.join(args.save_checkpoints, bits.lower())
+                t1 = time.time()
+                save_checkpoint(ck, model, cfg, tok, {**meta, "accuracy_job": key, "ppl": rec["ppl"]},
+                                overwrite=True)
+                rec["checkpoint"] = ck
+                print(f"[accuracy] wrote checkpoint {ck} ({time.time() - t1:.1f} s)", flush=True)
         rec["seconds"] = time.time() - t0
         results[key] = rec
         print(f"[accuracy] {key}: ppl {rec['ppl']:.3f}"

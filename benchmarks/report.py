@@ -46,6 +46,9 @@ def accuracy_section(files):
         sources.append({"file": os.path.relpath(path, RESULTS), "command": d.get("command"),
                         "device": d.get("device"), "date": d.get("date"), "versions": d.get("versions")})
         jobs.update(d.get("jobs", {}))
+    # jobs with absmax weight scales (``--no-weight-clip-search``) are an ablation, kept apart
+    ablation = {k: v for k, v in jobs.items() if v.get("weight_quantizer") == "absmax"}
+    jobs = {k: v for k, v in jobs.items() if k not in ablation}
     if not jobs:
         return None, []
     out = {"model": header.get("model"), "eval_text": header.get("eval_text"), "sources": sources}
@@ -72,6 +75,15 @@ def accuracy_section(files):
                               r.get("learning", {}).get("seconds")))
         if sec:
             out[bits] = sec
+    fp = out.get("fp16", {}).get("ppl")
+    w = out.get("W4A4KV4", {})
+    for wm in ("rtn", "gptq"):
+        had, lrn = w.get(f"hadamard_{wm}"), w.get(f"learned_{wm}")
+        if fp and had and lrn:
+            out.setdefault("learned_vs_hadamard_gap_ratio_W4A4KV4", {})[wm] = round(
+                (statistics.mean(lrn["ppl"]) - fp) / (statistics.mean(had["ppl"]) - fp), 3)
+    if ablation:
+        out["ablation_absmax_weight_scales"] = {k: v["ppl"] for k, v in ablation.items()}
     return out, table
 
 
@@ -111,6 +123,8 @@ def serving_section(files):
     runs, invocations = {}, []
     for path in files:
         d = _load(path)
+        if "runs" not in d:
+            continue  # e.g. a serving_sweep raw file
         runs.update(d.get("runs", {}))
         invocations += [dict(i, file=os.path.relpath(path, RESULTS)) for i in d.get("invocations", [])]
     if not runs:
@@ -144,6 +158,59 @@ def serving_section(files):
 
 
 # ----------------------------------------------------------------------------
+# SmolLM2 through vLLM (served_accuracy.py) and the HTTP server (server_check.py, serving_sweep.py)
+# ----------------------------------------------------------------------------
+def served_section(files):
+    out = {}
+    for path in files:
+        d = _load(path)
+        q = d.get("quantization_config", {})
+        rec = {"source": os.path.relpath(path, RESULTS), "command": d.get("command"), "device": d.get("device"),
+               "date": d.get("date"), "versions": d.get("versions"), "windows": d.get("windows"),
+               "prompts": d.get("prompts"), "new_tokens": d.get("new_tokens"),
+               "checkpoint": f"{q.get('rotation')}_{q.get('weight_method')} W{q.get('weight_bits')}"
+                             f"A{q.get('act_bits')}KV{q.get('kv_bits')}",
+               "offline_ppl": d.get("offline", {}).get("ppl"),
+               "noise_floor_bf16_vs_fp32": d.get("offline", {}).get("noise_floor_bf16_vs_fp32"), "vllm": {}}
+        for v, r in d.get("vllm", {}).items():
+            if "error" in r:
+                rec["vllm"][v] = {"error": r["error"]}
+                continue
+            rec["vllm"][v] = {k: r[k] for k in r if k.startswith(("ppl", "greedy_", "start_s", "engine_args"))}
+        out[os.path.basename(path)[len("served_accuracy_"):-len(".json")]] = rec
+    return out
+
+
+def server_section(check_files, overhead_files):
+    out = {}
+    for path in check_files:
+        d = _load(path)
+        out.setdefault("openai_client_checks", {})[os.path.basename(path)[len("server_check_"):-5]] = {
+            "source": os.path.relpath(path, RESULTS), "server_command": d.get("server_command"),
+            "date": d.get("date"), "all_ok": d.get("all_ok"), "error": d.get("error"),
+            "checks": {k: bool(c.get("ok")) for k, c in (d.get("checks") or {}).items()}}
+    for path in overhead_files:
+        d = _load(path)
+        pts = d.get("points", {})
+        by_cfg = {}
+        for p in pts.values():
+            by_cfg.setdefault(f"{p['prompt_tokens']}x{p['max_tokens']}/c{p['concurrency']}", {})[p["config"]] = p
+        for point, cfgs in by_cfg.items():
+            if "vllm_serve" in cfgs and "spinquant_serve" in cfgs:
+                a, b = cfgs["vllm_serve"], cfgs["spinquant_serve"]
+                out.setdefault("overhead_vs_vllm_serve", {})[
+                    os.path.basename(path)[: -len("_raw.json")] + "/" + point] = {
+                    "vllm_serve_output_tok_s": round(a["output_tokens_per_s"], 1),
+                    "spinquant_serve_output_tok_s": round(b["output_tokens_per_s"], 1),
+                    "throughput_ratio": round(b["output_tokens_per_s"] / a["output_tokens_per_s"], 4),
+                    "tpot_p50_s": {"vllm_serve": a["tpot_p50_s"], "spinquant_serve": b["tpot_p50_s"]},
+                    "ttft_p50_s": {"vllm_serve": a["ttft_p50_s"], "spinquant_serve": b["ttft_p50_s"]},
+                    "errors": {"vllm_serve": a["errors"], "spinquant_serve": b["errors"]},
+                    "source": os.path.relpath(path, RESULTS), "commands": [i["command"] for i in d["invocations"]]}
+    return out
+
+
+# ----------------------------------------------------------------------------
 def write_report(summary, acc_table, kernel_rows, path, plots=()):
     L = ["# SpinQuant-vLLM results", "",
          "Generated by `python benchmarks/report.py` from the raw JSON files in this folder; do not edit by hand.",
@@ -162,12 +229,27 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
             L.append(f"| {bits} | {m} | {seed} | {ppl:.2f} | {'' if zs is None else f'{zs:.4f}'} | "
                      f"{'' if secs is None else f'{secs:.0f}'} |")
         L.append("")
-        w = acc.get("W4A4KV4", {})
-        if fp and "hadamard_rtn" in w and "learned_rtn" in w:
-            had = statistics.mean(w["hadamard_rtn"]["ppl"]) - fp["ppl"]
-            lrn = statistics.mean(w["learned_rtn"]["ppl"]) - fp["ppl"]
-            L += [f"W4A4KV4 RTN: learned gap to FP16 / random-Hadamard gap = {lrn / had:.2f} "
-                  "(issue target <= 0.40).", ""]
+        for bits in ("W4A4KV4", "W4A4KV16", "W4A16KV16"):
+            sec = acc.get(bits)
+            if not sec:
+                continue
+            L += [f"{bits}, mean ± std over seeds:", "", "| method | seeds | ppl | zero-shot avg (seed 0) |",
+                  "|---|---:|---:|---:|"]
+            for m, rec in sec.items():
+                vals = rec["ppl"] if isinstance(rec["ppl"], list) else [rec["ppl"]]
+                sd = f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
+                zs = rec.get("zeroshot8_avg")
+                zs = zs[0] if isinstance(zs, list) else zs
+                L.append(f"| {m} | {len(vals)} | {statistics.mean(vals):.2f}{sd} | "
+                         f"{'' if zs is None else f'{zs:.4f}'} |")
+            L.append("")
+        for wm, r in acc.get("learned_vs_hadamard_gap_ratio_W4A4KV4", {}).items():
+            L.append(f"- W4A4KV4 {wm.upper()}: learned perplexity gap to FP16 / random-Hadamard gap = {r:.2f} "
+                     "(issue target <= 0.40; the paper's LLaMA-2 7B: about 0.26 with RTN).")
+        L.append("")
+        if acc.get("ablation_absmax_weight_scales"):
+            L += ["Ablation, absmax weight scales (no MSE clip search): " + ", ".join(
+                f"{k}: {v:.2f}" for k, v in acc["ablation_absmax_weight_scales"].items()), ""]
     apath = os.path.join(os.path.dirname(path), "accuracy", "rotation_ablation_cpu.json")
     if os.path.exists(apath):
         ab = _load(apath)
@@ -208,6 +290,56 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
                      f"{s.get('kv_capacity_tokens', {}).get(key, '')} |" if "bf16" in tp else f"| {key} | {v:.0f} |")
         L += ["", "Invocations:"] + [f"- `{i['command']}` ({i['date']}, {i['device']}, {i['versions']})"
                                      for i in s.get("invocations", [])] + [""]
+    for tag, rec in summary.get("served_accuracy", {}).items():
+        L += [f"## Served through vLLM: {rec['checkpoint']} ({tag})", "",
+              f"`{rec['source']}` ({rec['device']}, {rec['date']}). Perplexity from vLLM's prompt logprobs over the "
+              f"same {rec['windows']} held-out 2048-token windows as the offline evaluation; greedy continuations of "
+              f"{rec['prompts']} held-out prompts ({rec['new_tokens']} tokens). Offline fake-quant perplexity of the "
+              "same checkpoint: " + ", ".join(f"{k} {v:.3f}" for k, v in (rec["offline_ppl"] or {}).items()) + ".", "",
+              "| vLLM variant | ppl | vs offline fp32 | vs offline bf16 | greedy position match | "
+              "teacher-forced agreement | start s |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for v, r in rec["vllm"].items():
+            if "error" in r:
+                L.append(f"| {v} | failed: {r['error']} | | | | | |")
+                continue
+            f = lambda k, fmt="{:+.2%}": fmt.format(r[k]) if r.get(k) is not None else ""
+            L.append(f"| {v} | {r['ppl']:.3f} | {f('ppl_rel_diff_vs_offline_float32')} | "
+                     f"{f('ppl_rel_diff_vs_offline_bfloat16')} | {f('greedy_position_match', '{:.3f}')} | "
+                     f"{f('greedy_teacher_forced_vs_offline_ckpt_kv', '{:.3f}')} | {f('start_s', '{:.0f}')} |")
+        nf = rec.get("noise_floor_bf16_vs_fp32")
+        if nf:
+            L += ["", "Noise floor (the offline model in bf16 vs in fp32): " + "; ".join(
+                f"{kv}: position match {x['greedy_position_match']:.3f}"
+                + (f", teacher-forced {x['greedy_teacher_forced']:.3f}" if x.get("greedy_teacher_forced") else "")
+                for kv, x in nf.items())]
+        L.append("")
+    for nf_path in sorted(glob.glob(os.path.join(os.path.dirname(path), "serving", "*", "noise_floor_*.json"))):
+        d = _load(nf_path)
+        nf = d.get("offline", {}).get("noise_floor_bf16_vs_fp32", {}).get("kvckpt")
+        if nf:
+            L += [f"Agreement noise floor (`{os.path.relpath(nf_path, os.path.dirname(path))}`, {d.get('device') or 'cpu'}, "
+                  f"{d.get('prompts')} prompts x {d.get('new_tokens')} tokens): the offline fake-quant model in bf16 "
+                  f"vs in fp32 agrees on {nf['greedy_position_match']:.3f} of greedy positions, teacher-forced "
+                  f"{nf['greedy_teacher_forced']:.3f}.", ""]
+    for af_path in sorted(glob.glob(os.path.join(os.path.dirname(path), "serving", "*", "agreement_floor_*.json"))):
+        d = _load(af_path)
+        L += [f"Agreement floor of {d['model']} (`{os.path.relpath(af_path, os.path.dirname(path))}`, {d['device']}, "
+              f"{d['prompts']} prompts x {d['new_tokens']} tokens): bf16 vs fp32 greedy position match "
+              f"{d['bf16_vs_fp32_position_match']:.3f}, teacher-forced {d['teacher_forced_fp32_on_bf16']:.3f}.", ""]
+    srv = summary.get("server")
+    if srv:
+        L += ["## OpenAI-compatible server over vLLM", ""]
+        for tag, c in srv.get("openai_client_checks", {}).items():
+            ok = [k for k, v in c["checks"].items() if v]
+            bad = [k for k, v in c["checks"].items() if not v]
+            L.append(f"- `{c['source']}`: official `openai` client, {len(ok)}/{len(c['checks'])} checks passed"
+                     + (f"; failed: {', '.join(bad)}" if bad else "") + (f"; error: {c['error']}" if c.get("error") else ""))
+        for point, o in srv.get("overhead_vs_vllm_serve", {}).items():
+            L.append(f"- {point}: `spinquant serve` {o['spinquant_serve_output_tok_s']:.0f} output tok/s vs `vllm serve` "
+                     f"{o['vllm_serve_output_tok_s']:.0f} (ratio {o['throughput_ratio']:.3f}; target >= 0.95); "
+                     f"TPOT p50 {o['tpot_p50_s']['spinquant_serve'] * 1e3:.1f} vs {o['tpot_p50_s']['vllm_serve'] * 1e3:.1f} ms; "
+                     f"TTFT p50 {o['ttft_p50_s']['spinquant_serve']:.2f} vs {o['ttft_p50_s']['vllm_serve']:.2f} s")
+        L.append("")
     with open(path, "w") as f:
         f.write("\n".join(L))
 
@@ -313,6 +445,21 @@ def main(argv=None):
     serv = serving_section(sorted(glob.glob(os.path.join(args.results, "serving", "*_raw.json"))))
     if serv:
         summary["serving"] = serv
+    served = served_section(sorted(glob.glob(os.path.join(args.results, "serving", "*", "served_accuracy_*.json"))))
+    if served:
+        summary["served_accuracy"] = served
+        ppl = {}
+        for rec in served.values():
+            ck = rec["checkpoint"].replace(" ", "_")
+            for v, r in rec["vllm"].items():
+                if "ppl" in r:
+                    ppl[f"{ck}/{v}"] = round(r["ppl"], 4)
+        if ppl and acc is not None:
+            summary["accuracy"]["vllm_served_ppl"] = ppl
+    server = server_section(sorted(glob.glob(os.path.join(args.results, "serving", "server_check_*.json"))),
+                            sorted(glob.glob(os.path.join(args.results, "serving", "server_overhead_*_raw.json"))))
+    if server:
+        summary["server"] = server
     with open(os.path.join(args.results, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     sweep_path = os.path.join(args.results, "serving", "serving_sweep_raw.json")

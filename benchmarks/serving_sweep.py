@@ -119,7 +119,8 @@ def main(argv=None):
         if not todo or time.time() - t_start > args.deadline_s:
             continue
         port = _free_port()
-        argv_ = shlex.split(cmd.format(port=port, models=models))
+        # plain replacement, not str.format: commands may hold JSON (--compilation-config {...})
+        argv_ = shlex.split(cmd.replace("{port}", str(port)).replace("{models}", models))
         log.write(f"===== {name}: {' '.join(argv_)}\n")
         log.flush()
         # cwd outside the repo: the folder triton_kernels/ must not shadow vLLM's module.

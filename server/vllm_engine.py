@@ -163,9 +163,15 @@ class VLLMEngine(Engine):
     async def start(self) -> None:
         if self._llm is not None:
             return
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._llm = AsyncLLM.from_engine_args(self._args)
+        # vLLM picks scheduler defaults by usage context. `vllm serve` builds its engine as
+        # OPENAI_API_SERVER (on an H100: max_num_batched_tokens 8192, max_num_seqs 1024);
+        # AsyncLLM's own default, ENGINE_CONTEXT, falls back to 2048 / 128. The H100 run that
+        # had the latter (benchmarks/results/serving/server_overhead_llama8b.log) served 11%
+        # fewer output tok/s than `vllm serve` on the same checkpoint and workload.
+        self._llm = AsyncLLM.from_engine_args(self._args, usage_context=UsageContext.OPENAI_API_SERVER)
         self._tokenizer = self._llm.get_tokenizer()
         self._max_model_len = int(self._llm.model_config.max_model_len)
         self._vocab_size = int(self._llm.model_config.get_vocab_size())

@@ -43,7 +43,9 @@ from .kv_cache import (
     check_kv4_cache,
     dot_dtype,
     had_norm,
+    hadamard_full,
     hadamard_perm,
+    kv4_cache_dequant,
     kv4_cache_gather_ref,
 )
 
@@ -550,11 +552,20 @@ def kv4_prefill_attention_dense(q: torch.Tensor, kv_cache: torch.Tensor,
     """
     from torch.nn.attention.varlen import varlen_attn
 
-    num_kv_heads = kv_cache.shape[1]
-    _check_common(q, kv_cache, block_table, seq_lens, num_kv_heads)
+    _check_common(q, kv_cache, block_table, seq_lens, kv_cache.shape[1])
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"kv4_prefill_attention_dense needs fp16/bf16 on CUDA, got {q.dtype} "
                          f"on {q.device.type}")
+    return _prefill_dense(q, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
+                          max_query_len, max_seq_len, total_kv_tokens, out, had_size, hadamard,
+                          varlen_attn)
+
+
+def _prefill_dense(q, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale, max_query_len,
+                   max_seq_len, total_kv_tokens, out, had_size, hadamard, varlen_attn):
+    """Body of :func:`kv4_prefill_attention_dense` after its checks, with the
+    varlen attention passed in (the CPU tests run it with a plain-PyTorch stand-in)."""
+    num_kv_heads = kv_cache.shape[1]
     T, Hq, D = q.shape
     S = seq_lens.shape[0]
     if out is None:

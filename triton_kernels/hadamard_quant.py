@@ -174,17 +174,20 @@ def _mul_rn(a, b, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _quotient(v, scale, inv, USE_ASM: tl.constexpr):
-    """v / scale for the codes. GPU: v * (1 / scale) (an IEEE division per
-    element is a ~40-instruction subroutine); it differs from the IEEE quotient
-    by an ulp at most, so only exact .5 ties can round the other way (bounded
-    in the tests; on the H100 this form stayed within the bound on every shape,
-    while a Newton-corrected quotient did not: docs/KERNELS.md). Interpreter:
-    the IEEE division itself."""
-    if USE_ASM:
-        return v * inv
-    else:
-        return tl.div_rn(v, scale)
+def _quotient(v, scale):
+    """v / scale for the codes: the IEEE (correctly rounded) quotient, as
+    ``format.quantize_asym`` computes it, on the GPU and in the interpreter.
+
+    Not ``v * (1 / scale)``: that differs from the IEEE quotient by up to an
+    ulp, and worse, the compiler contracts the product with the ``+ 1.5 * 2**23``
+    of :func:`_rint` into one FMA, which rounds the *unrounded* product
+    ``v * inv`` to an integer. Where ``v / scale`` rounds to an exact ``k + 0.5``
+    (common with bf16 inputs and 8-bit codes: the H100 run had 1.3% of codes
+    at such ties for K = 14336) that product sits just above or below the tie,
+    by the sign of inv's rounding error times v, so about half of the ties
+    went the other way from torch.round's half-to-even. ``div.rn`` is an
+    opaque correctly rounded result: no contraction, ties round half-even."""
+    return tl.div_rn(v, scale)
 
 
 @triton.jit
@@ -247,11 +250,8 @@ def _hadamard_quant_kernel(
             hi = tl.maximum(tl.max(tl.max(v, axis=1), axis=0), 0.0) * clip
             scale = tl.maximum(tl.div_rn(hi - lo, LEVELS * 1.0), 1e-8)
             zero = tl.minimum(tl.maximum(_rint(QMIN - tl.div_rn(lo, scale)), QMIN), QMAX)
-            # one IEEE division per row; per element the quotient comes from the
-            # reciprocal and one Newton step (an IEEE division per element is a
-            # ~40-instruction subroutine)
-            inv = tl.div_rn(1.0, scale)
-            t = _quotient(v, tl.broadcast_to(scale, v.shape), tl.broadcast_to(inv, v.shape), USE_ASM)
+            # IEEE division per element, as format.quantize_asym (see _quotient)
+            t = _quotient(v, tl.broadcast_to(scale, v.shape))
             q = tl.minimum(tl.maximum(_rint(t) + zero, QMIN), QMAX).to(tl.int32)
             tl.store(s_ptr + row, scale)
             tl.store(z_ptr + row, zero)

@@ -199,7 +199,6 @@ def _w4ax_gemm_kernel(
         hi = mx * clip
         sx = tl.maximum(tl.div_rn(hi - lo, 15.0), 1e-8)
         zx = tl.minimum(tl.maximum(_rint(-8.0 - tl.div_rn(lo, sx)), -8.0), 7.0)
-        inv = tl.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), sx)
     else:
         sx = tl.load(sx_ptr + rows)
         zx = tl.load(zx_ptr + rows)
@@ -228,8 +227,7 @@ def _w4ax_gemm_kernel(
                 a2 = tl.load(a_ptrs, mask=offs_k2[None, :] < 2 * (KH - k * BLOCK_K), other=0)
             if A_BITS == 0:
                 shape: tl.constexpr = (BLOCK_M, 2 * BLOCK_K)
-                v = _quotient(a2.to(tl.float32), tl.broadcast_to(sx[:, None], shape),
-                              tl.broadcast_to(inv[:, None], shape), USE_ASM)
+                v = _quotient(a2.to(tl.float32), tl.broadcast_to(sx[:, None], shape))
                 a2 = tl.minimum(tl.maximum(_rint(v) + zx[:, None], -8.0), 7.0).to(tl.int8)
             a_lo, a_hi = tl.split(tl.reshape(a2, (BLOCK_M, BLOCK_K, 2)))
         if A_BITS == 16:
@@ -376,6 +374,11 @@ _tuned_kernel = triton.autotune(
     prune_configs_by={"early_config_prune": _prune},
     # shorter timing runs than the default (25 / 100 ms): ~6 candidates per shape
     do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=quantiles),
+    # keep each key's choice in Triton's on-disk cache: vLLM captures CUDA graphs at up to 51
+    # batch sizes (10 M buckets x 4 layer shapes to tune), and a server restarted on the same
+    # machine then skips the tuning. Engine start-up with CUDA graphs took 80-130 s on the H100
+    # before this; how much of that was tuning is not measured yet.
+    cache_results=True,
 )(_w4ax_gemm_kernel)
 
 # Fixed small tiles for the CPU interpreter (and for tests that pick a tile).

@@ -42,6 +42,18 @@ def _check(x, had, bits, clip=1.0):
     qr, sr, zr = (t.to(x.device) for t in hadamard_quant_ref(x.cpu(), had, bits, clip))
     M, K = x.shape
     assert q.shape == qr.shape and q.dtype == qr.dtype
+    if not had and clip == 1.0:
+        # no Hadamard: the kernel computes the reference's float32 operations
+        # (IEEE divisions, round half to even, nothing contracted into an FMA),
+        # so codes, scales and zero points are bit-identical, ties included.
+        # (clip < 1: "hi * clip - lo" may become one FMA on the GPU: scale may
+        # then differ by an ulp, so only the bounds below apply.)
+        assert torch.equal(s, sr) and torch.equal(z, zr)
+        diff = (_codes(q, bits).int() != _codes(qr, bits).int())
+        where = diff.nonzero()[:3].tolist()
+        assert not diff.any(), (
+            f"{int(diff.sum())} codes differ without a Hadamard, first at (row, k) {where}; "
+            f"x/scale there: {[(x.float()[i, j] / s[i, 0]).item() for i, j in where]}")
     assert s.shape == (M, 1) and z.shape == (M, 1) and s.dtype == torch.float32
     torch.testing.assert_close(s, sr, rtol=1e-5, atol=0)
     assert torch.equal(z, torch.round(z)), "zero point must be integer-valued"

@@ -70,6 +70,10 @@ def test_gemm_split_k_small(split, K, mma):
         q, qa, s, z = _acts(M, K, 4, g)
         y = w4a4_gemm(qa, s, z, w, torch.float32, mma=mma, config=cfg)
         assert torch.equal(y, fmt.w4a4_matmul_ref(q, s, z, qw, w.scale))
+    # the epilogue with a bias after the split-K reduction: same float32 ops as the reference
+    bias = torch.randn(N, generator=g).to(torch.bfloat16)
+    yb = w4a4_gemm(qa, s, z, w, torch.float32, bias=bias, mma=mma, config=cfg)
+    assert torch.equal(yb, w4a4_gemm_ref(qa, s, z, w, torch.float32, bias=bias))
     from spinquant_kernels.w4a4_gemm import _workspace
     ws, cnt = _workspace(torch.device("cpu"))
     assert not ws.any() and not cnt.any()
@@ -138,7 +142,43 @@ def test_gemm_exact_gpu(M, K, N, bits, mma):
     assert torch.equal(y, w4a4_matmul_exact(q, s, z, qw, w.scale))
     bias = torch.randn(N, generator=g).to(torch.bfloat16).cuda()
     yb = w4a4_gemm(qa, s, z, w, torch.bfloat16, bias=bias, mma=mma)
-    assert torch.equal(yb, w4a4_gemm_ref(qa, s, z, w, torch.bfloat16, bias=bias))
+    ref = w4a4_gemm_ref(qa, s, z, w, torch.bfloat16, bias=bias)
+    if not torch.equal(yb, ref):
+        # the bf16 + bias call has its own autotuning key (tensor dtypes), so it may run
+        # another tile than the float32 call: say which, and whether the kernel agrees
+        # with itself (its float32 + bias output rounded to bf16)
+        from spinquant_kernels.w4a4_gemm import tuned_configs
+        yf = w4a4_gemm(qa, s, z, w, torch.float32, bias=bias, mma=mma)
+        bad = (yb != ref)
+        pytest.fail(f"{int(bad.sum())} of {bad.numel()} bf16 outputs differ, max "
+                    f"|diff| {(yb.float() - ref.float()).abs().max().item()}, rows "
+                    f"{bad.any(1).nonzero().flatten()[:8].tolist()}, cols "
+                    f"{bad.any(0).nonzero().flatten()[:8].tolist()}; kernel fp32+bias -> bf16 "
+                    f"equals its bf16 output: {torch.equal(yf.to(torch.bfloat16), yb)}, equals "
+                    f"the reference: {torch.equal(yf.to(torch.bfloat16), ref)}; tuned: {tuned_configs()}")
+
+
+def _bucket16_configs():
+    from spinquant_kernels.w4a4_gemm import _CONFIGS
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _CONFIGS[16]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", _bucket16_configs(), ids=lambda c: "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}-s{SPLIT_K}-w{num_warps}-st{num_stages}".format(**c))
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemm_bucket16_tiles_gpu(cfg, bits):
+    """Every decode tile (the autotuner may pick any per key) at the shape where the
+    tuned bf16 + bias call once differed from the reference: exact in fp32 and bf16."""
+    M, K, N = 16, 14336, 4096
+    g = torch.Generator().manual_seed(M + K + N)
+    qw, w = _weight(N, K, g, "cuda")
+    q, qa, s, z = _acts(M, K, bits, g, "cuda")
+    bias = torch.randn(N, generator=g).to(torch.bfloat16).cuda()
+    for _ in range(2):  # split-K: the workspace is clean again after each call
+        y = w4a4_gemm(qa, s, z, w, torch.float32, config=cfg)
+        assert torch.equal(y, w4a4_matmul_exact(q, s, z, qw, w.scale))
+        yb = w4a4_gemm(qa, s, z, w, torch.bfloat16, bias=bias, config=cfg)
+        assert torch.equal(yb, w4a4_gemm_ref(qa, s, z, w, torch.bfloat16, bias=bias))
 
 
 @pytest.mark.gpu

@@ -223,3 +223,75 @@ def test_prefill_dense_gpu_bf16():
     tol = 2 * _bf16_sdpa_error(q, cache, bt, sl, cu, scale, ref) + 2e-3
     out = at.kv4_prefill_attention_dense(q, cache, bt, sl, cu, scale, max(q_lens), max(seq_lens))
     assert (out.float() - ref).abs().max().item() <= tol
+
+
+def _varlen_attn_cpu(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size):
+    """Plain-PyTorch stand-in for ``torch.nn.attention.varlen.varlen_attn`` (CUDA only):
+    causal with the mask aligned to the last key (bottom-right), float32."""
+    assert window_size == (-1, 0)
+    out = torch.zeros_like(q)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(cq) - 1):
+        n, L = cq[i + 1] - cq[i], ck[i + 1] - ck[i]
+        if n == 0:
+            continue
+        qs = q[cq[i]:cq[i + 1]].float().transpose(0, 1)          # (H, n, D)
+        ks = k[ck[i]:ck[i + 1]].float().transpose(0, 1)
+        vs = v[ck[i]:ck[i + 1]].float().transpose(0, 1)
+        mask = torch.arange(L)[None, :] <= torch.arange(L - n, L)[:, None]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        out[cq[i]:cq[i + 1]] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+@pytest.mark.parametrize("had", [None, 32])
+def test_prefill_dense_path_cpu(had):
+    """The dense prefill's own code (dequantize, R3 on q, GQA repeat, scale) on CPU,
+    with a plain-PyTorch varlen attention in place of the CUDA-only one; the public
+    entry point refuses CPU with its documented ValueError."""
+    g = torch.Generator().manual_seed(29)
+    Hkv, Hq, D = 2, 6, 64
+    seq_lens, q_lens = [20, 37, 5], [20, 3, 1]
+    cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, "cpu", had=had)
+    q = torch.randn(sum(q_lens), Hq, D, generator=g)
+    cu = _cu(q_lens, "cpu")
+    scale = 1 / math.sqrt(D)
+    with pytest.raises(ValueError, match="fp16/bf16 on CUDA"):
+        at.kv4_prefill_attention_dense(q, cache, bt, sl, cu, scale, max(q_lens), max(seq_lens),
+                                       had_size=had)
+    out = at._prefill_dense(q, cache, bt, sl, cu, scale, max(q_lens), max(seq_lens), None, None,
+                            had, None, _varlen_attn_cpu)
+    ref = at.kv4_prefill_attention_ref(q, cache, bt, sl, cu, scale, max(q_lens), had_size=had)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("module", ["attention", "kv_cache", "w4a4_gemm", "hadamard_quant",
+                                    "hadamard", "linear", "format"])
+def test_kernel_modules_resolve_every_global(module):
+    """Every global name a function of the kernels package reads exists (a missing
+    import in a CUDA-only path raised NameError only on the H100)."""
+    import builtins
+    import dis
+    import importlib
+    import types
+
+    mod = importlib.import_module(f"spinquant_kernels.{module}")
+
+    def codes(co):
+        yield co
+        for c in co.co_consts:
+            if isinstance(c, types.CodeType):
+                yield from codes(c)
+
+    missing = []
+    for name, obj in vars(mod).items():
+        fn = getattr(obj, "fn", obj)              # triton.jit / autotune wrappers
+        fn = getattr(fn, "fn", fn)
+        if not isinstance(fn, types.FunctionType) or fn.__module__ != mod.__name__:
+            continue
+        for co in codes(fn.__code__):
+            for ins in dis.get_instructions(co):
+                if ins.opname == "LOAD_GLOBAL" and ins.argval not in vars(mod) \
+                        and not hasattr(builtins, ins.argval):
+                    missing.append(f"{name}: {ins.argval}")
+    assert not missing, f"undefined globals in spinquant_kernels.{module}: {missing}"

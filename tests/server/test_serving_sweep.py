@@ -1,19 +1,13 @@
 """benchmarks/serving_sweep.py drives a real server process and records complete points."""
-import importlib.util
 import json
-import os
 import shutil
 
 import pytest
-
-SWEEP = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "serving_sweep.py")
+from spinquant_testutils import load_script
 
 
 def _load_sweep():
-    spec = importlib.util.spec_from_file_location("serving_sweep", SWEEP)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("serving_sweep")
 
 
 @pytest.mark.skipif(shutil.which("spinquant") is None, reason="needs the installed `spinquant` console script")

@@ -101,3 +101,32 @@ def test_engine_args(tmp_path):
         build_engine_args(str(plain), not_a_field=1)
     with pytest.raises(RuntimeError, match="not started"):
         _ = engine.tokenizer
+
+
+def test_engine_starts_with_vllm_serves_usage_context(tmp_path, monkeypatch):
+    """Scheduler defaults follow the usage context: ours must be `vllm serve`'s, not AsyncLLM's own."""
+    import asyncio
+
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from spinquant_server.vllm_engine import VLLMEngine, build_engine_args
+
+    seen = {}
+
+    class FakeLLM:
+        model_config = type("MC", (), {"max_model_len": 64, "get_vocab_size": lambda self: 100})()
+
+        def get_tokenizer(self):
+            return "tok"
+
+    def fake_from_engine_args(engine_args, **kw):
+        seen.update(kw, engine_args=engine_args)
+        return FakeLLM()
+
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", staticmethod(fake_from_engine_args))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    engine = VLLMEngine(build_engine_args(str(tmp_path)))
+    asyncio.run(engine.start())
+    assert seen["usage_context"] == UsageContext.OPENAI_API_SERVER
+    assert (engine.max_model_len, engine.vocab_size, engine.tokenizer) == (64, 100, "tok")
