@@ -3,15 +3,22 @@
 # State that must outlive a call lives under /tmp (kept while the machine stays warm);
 # everything to commit is copied to $OUT at the end of each step.
 #
-# Machine 1 (offline accuracy + SmolLM2 through vLLM):
-#   vllm1   carry .gpu-bundle/p1           copy the first vLLM part
-#   vllm2   carry .gpu-bundle/p2 .gpu-carry/whl   install vLLM; start the GPU tests in the background
-#   gguf1   carry .gpu-carry/a             first GGUF piece
-#   acc1    carry .gpu-carry/b             learned RTN/GPTQ seed 0 (zero-shot), write checkpoints
-#   acc2    (nothing)                      seeds 1-2, perplexity only
-#   serve   (nothing)                      served accuracy, openai-client check, server overhead
-# Machine 2 (Llama-3-8B shapes, dummy weights):
-#   vllm1, GPU_TESTS=0 vllm2 (no background tests: timings follow), then lat1 / lat16 / tp (carry .gpu-carry/llama8b), kv (kernels only)
+# Steps (what each carries; all but vllm1 need vllm2 first on the same warm machine):
+#   vllm1     .gpu-bundle/p1                 copy the first vLLM part
+#   vllm2     .gpu-bundle/p2 .gpu-carry/whl  install vLLM (+ openai client deps); unless GPU_TESTS=0,
+#                                            start `pytest tests -m gpu` in the background
+#   gputests  -                              the GPU tests in the foreground
+#   gguf1     .gpu-carry/a                   first GGUF piece
+#   acc1      .gpu-carry/b                   learned RTN/GPTQ seed 0 (zero-shot), checkpoints to /tmp/ckpt
+#   acc2      -                              seeds 1-2, perplexity only
+#   ckserve   .gpu-carry/b                   rebuild the W4A4KV4 checkpoint from saved rotations, then
+#                                            served accuracy (benchmarks/served_accuracy.py)
+#   server    -                              openai-client check + overhead sweep on /tmp/ckpt/w4a4kv4
+#   server8b  .gpu-carry/llama8b             the same on the Llama-3-8B-shaped checkpoint (dummy weights)
+#   lat1 lat16 tp tpkv  .gpu-carry/llama8b   vllm bench latency / throughput side by side
+#   kv        -                              benchmarks/kv_attention.py
+# Session 2 ran: machine 1 vllm1 vllm2 gguf1 acc1 acc2 serve serve; machine 2 vllm1 vllm2 gguf1
+# ckserve; machine 3 vllm1 vllm2 server8b (docs/RESULTS.md). Timed steps want GPU_TESTS=0.
 set -uo pipefail
 step=${1:?usage: session.sh STEP}
 OUT=${OUT:?OUT must be set}
@@ -145,6 +152,14 @@ lat1|lat16|tp|tpkv)
      --run-timeout-s 300 --resume /tmp/serv/serving_raw.json --runs $runs 2>&1 | tail -12
   cp /tmp/serv/serving_raw.json /tmp/res/serving_raw.json; cp /tmp/serv/serving.log /tmp/res/serving.log
   tail -3 /tmp/res/pytest_gpu.log; collect ;;
+gputests)
+  # the GPU-marked tests in the foreground (after vllm2; needs no GGUF)
+  setup
+  for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 $p; done
+  repo=$(pwd)
+  (cd /tmp && timeout 560 pytest "$repo/tests" -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rfE \
+     > /tmp/res/pytest_gpu.log 2>&1); tail -15 /tmp/res/pytest_gpu.log
+  collect ;;
 kv)
   setup
   python3 benchmarks/kv_attention.py --out /tmp/res/kv 2>&1 | tail -30
