@@ -14,16 +14,13 @@ of the floor. Writes ``agreement_floor_TAG.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import served_accuracy as sa  # noqa: E402 - the shared metrics
+import provenance  # benchmarks/ is on sys.path when this script runs
+import served_accuracy as sa
 
 
 def main(argv=None) -> None:
@@ -52,10 +49,7 @@ def main(argv=None) -> None:
     a = sa.greedy_generate(m32, prompts, args.new_tokens)
     b = sa.greedy_generate(m16, prompts, args.new_tokens)
     res = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.machine()})",
-        "versions": sa._versions(), "model": model_name, "prompts": len(prompts),
+        **provenance.invocation(args.device), "model": model_name, "prompts": len(prompts),
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "bf16_vs_fp32_position_match": sa.position_match(b, a),
         "bf16_vs_fp32_first_divergence_mean": sum(sa.first_divergence(b, a)) / len(a),

@@ -35,15 +35,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
 import signal
 import subprocess
 import sys
 import time
+
+import provenance  # benchmarks/provenance.py (this script's folder is on sys.path)
 
 VARIANTS = {
     "spinquant": {},
@@ -285,8 +285,6 @@ def main(argv=None) -> None:
 
     from transformers import AutoTokenizer
 
-    import torch
-
     from spinquant_offline.checkpoint import read_config
 
     os.makedirs(args.out, exist_ok=True)
@@ -297,10 +295,7 @@ def main(argv=None) -> None:
     windows = eval_windows(tok, args.seqlen, args.windows)
     prompts = greedy_prompts(tok, args.prompts, args.prompt_len)
     result = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.machine()})",
-        "versions": _versions(),
+        **provenance.invocation(args.device),
         "checkpoint": os.path.abspath(args.ckpt), "quantization_config": cfg.to_dict(),
         "eval_text": "held-out Wikipedia articles (every 4th article of exllamav2 wiki.utf8)",
         "windows": len(windows), "seqlen": args.seqlen, "prompts": len(prompts),
@@ -380,16 +375,6 @@ def main(argv=None) -> None:
     os.remove(work_in)
     save()
     print(f"[served_accuracy] wrote {out_path}", flush=True)
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "triton", "transformers", "vllm"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - a missing package is recorded as such
-            out[name] = None
-    return out
 
 
 if __name__ == "__main__":

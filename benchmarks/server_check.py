@@ -16,10 +16,8 @@ Example (H100, vLLM bundle on PYTHONPATH):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -27,6 +25,8 @@ import tempfile
 import time
 import traceback
 import urllib.request
+
+import provenance  # benchmarks/provenance.py (this script's folder is on sys.path)
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -151,9 +151,7 @@ def main(argv=None) -> int:
     cmd = args.spinquant.split() + ["serve", os.path.abspath(args.ckpt), "--port", "0", "--ready-file", ready,
                                     *args.extra]
     log_path = os.path.join(args.out, f"server_{tag}.log")
-    result = {"command": " ".join([sys.executable, *sys.argv]), "server_command": " ".join(cmd),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "python": platform.python_version()}
+    result = {**provenance.invocation(), "server_command": " ".join(cmd)}
     t0 = time.time()
     with open(log_path, "w") as log:
         # cwd outside the repo: its folder triton_kernels/ must not shadow vLLM's module

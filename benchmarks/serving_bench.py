@@ -19,7 +19,6 @@ Example (H100, vLLM bundle in /tmp/site):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -27,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import provenance  # benchmarks/provenance.py (this script's folder is on sys.path)
 
 FLAGS = {
     "fp8": ["--quantization", "fp8"],
@@ -82,10 +83,7 @@ def main(argv=None):
     if args.resume and os.path.exists(args.resume):
         with open(args.resume) as f:
             doc = json.load(f)
-    doc.setdefault("invocations", []).append({
-        "command": " ".join([sys.executable, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "device": _gpu_name(), "versions": _versions()})
+    doc.setdefault("invocations", []).append(provenance.invocation("cuda"))
     models = os.path.abspath(args.models)
     tokenizer = os.path.join(models, "tokenizer")
     t0 = time.time()
@@ -134,24 +132,6 @@ def main(argv=None):
             print(f"[serving] {name} failed; stopping (see serving.log)", flush=True)
             print("\n".join(text.splitlines()[-40:]), flush=True)
             break
-
-
-def _gpu_name():
-    try:
-        import torch
-        return torch.cuda.get_device_name()
-    except Exception as e:  # noqa: BLE001 - record why, never fail the benchmark on it
-        return f"unknown ({e})"
-
-
-def _versions():
-    out = {}
-    for mod in ("torch", "triton", "transformers", "vllm"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
-            out[mod] = None
-    return out
 
 
 if __name__ == "__main__":

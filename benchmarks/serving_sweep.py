@@ -26,17 +26,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
 import shlex
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
+
+import provenance  # benchmarks/provenance.py (this script's folder is on sys.path)
 
 from spinquant_server.bench import run as bench_run
 
@@ -107,9 +107,7 @@ def main(argv=None):
     if args.resume and os.path.exists(args.resume):
         with open(args.resume) as f:
             doc = json.load(f)
-    doc.setdefault("invocations", []).append({
-        "command": " ".join([sys.executable, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "device": _device()})
+    doc.setdefault("invocations", []).append(provenance.invocation())
     t_start = time.time()
     models = os.path.abspath(args.models)
     log = open(os.path.join(args.out, "serving_sweep.log"), "a")
@@ -160,14 +158,6 @@ def main(argv=None):
     with open(raw_path + ".tmp", "w") as f:
         json.dump(doc, f, indent=1)
     os.replace(raw_path + ".tmp", raw_path)
-
-
-def _device() -> str:
-    try:
-        import torch
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "unknown (torch not importable)"
 
 
 if __name__ == "__main__":

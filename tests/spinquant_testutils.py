@@ -18,8 +18,12 @@ def load_script(name: str):
     """Import ``benchmarks/NAME.py`` (a script, not a package module) for its functions."""
     import importlib.util
     import os
+    import sys
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py")
+    folder = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    if folder not in sys.path:  # as when the script runs: its sibling modules import
+        sys.path.append(folder)
+    path = os.path.join(folder, f"{name}.py")
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -280,8 +280,13 @@ def _resolve_had_size(head_dim: int, had_size: int | None) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _hadamard_halves_cached(head_dim: int, had_size: int, dtype: torch.dtype, device: str
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _r3_matrix(layout: str, head_dim: int, had_size: int, dtype: torch.dtype, device: str):
+    """The unnormalised R3 matrix in one of three column layouts (see the public functions)."""
+    if layout == "perm":
+        return torch.cat(_r3_matrix("halves", head_dim, had_size, dtype, device), dim=1).contiguous()
+    if layout == "full":
+        he, ho = _r3_matrix("halves", head_dim, had_size, dtype, device)
+        return torch.stack((he, ho), dim=-1).reshape(head_dim, head_dim).contiguous()
     if had_size:
         H = torch.kron(torch.eye(head_dim // had_size, dtype=torch.float64),
                        hadamard_matrix(had_size, dtype=torch.float64, normalized=False))
@@ -289,6 +294,10 @@ def _hadamard_halves_cached(head_dim: int, had_size: int, dtype: torch.dtype, de
         H = torch.eye(head_dim, dtype=torch.float64)
     return (H[:, 0::2].contiguous().to(dtype=dtype, device=device),
             H[:, 1::2].contiguous().to(dtype=dtype, device=device))
+
+
+def _r3(layout: str, head_dim: int, had_size: int | None, dtype: torch.dtype, device: torch.device | str):
+    return _r3_matrix(layout, head_dim, _resolve_had_size(head_dim, had_size), dtype, str(torch.device(device)))
 
 
 def hadamard_halves(head_dim: int, had_size: int | None, dtype: torch.dtype,
@@ -302,15 +311,7 @@ def hadamard_halves(head_dim: int, had_size: int | None, dtype: torch.dtype,
     halves that ``pack_int4`` pairs. Cached per (sizes, dtype, device):
     create them before CUDA-graph capture.
     """
-    had = _resolve_had_size(head_dim, had_size)
-    return _hadamard_halves_cached(head_dim, had, dtype, str(torch.device(device)))
-
-
-@functools.lru_cache(maxsize=64)
-def _hadamard_perm_cached(head_dim: int, had_size: int, dtype: torch.dtype, device: str
-                          ) -> torch.Tensor:
-    he, ho = _hadamard_halves_cached(head_dim, had_size, dtype, device)
-    return torch.cat((he, ho), dim=1).contiguous()
+    return _r3("halves", head_dim, had_size, dtype, device)
 
 
 def hadamard_perm(head_dim: int, had_size: int | None, dtype: torch.dtype,
@@ -318,23 +319,14 @@ def hadamard_perm(head_dim: int, had_size: int | None, dtype: torch.dtype,
     """``(head_dim, head_dim)``: the unnormalised R3 matrix with its even output columns
     first and odd ones second, ``cat(H[:, 0::2], H[:, 1::2])`` (what the attention
     kernels multiply queries by). Cached like :func:`hadamard_halves`."""
-    had = _resolve_had_size(head_dim, had_size)
-    return _hadamard_perm_cached(head_dim, had, dtype, str(torch.device(device)))
-
-
-@functools.lru_cache(maxsize=64)
-def _hadamard_full_cached(head_dim: int, had_size: int, dtype: torch.dtype, device: str
-                          ) -> torch.Tensor:
-    he, ho = _hadamard_halves_cached(head_dim, had_size, dtype, device)
-    return torch.stack((he, ho), dim=-1).reshape(head_dim, head_dim).contiguous()
+    return _r3("perm", head_dim, had_size, dtype, device)
 
 
 def hadamard_full(head_dim: int, had_size: int | None, dtype: torch.dtype,
                   device: torch.device | str) -> torch.Tensor:
     """``(head_dim, head_dim)`` unnormalised R3 matrix ``I (x) H_had_size`` in natural
     column order (for dense attention on :func:`kv4_cache_dequant` output)."""
-    had = _resolve_had_size(head_dim, had_size)
-    return _hadamard_full_cached(head_dim, had, dtype, str(torch.device(device)))
+    return _r3("full", head_dim, had_size, dtype, device)
 
 
 def had_norm(head_dim: int, had_size: int | None) -> float:

@@ -57,3 +57,34 @@ def test_teacher_forced_and_greedy_agree_on_the_model_itself():
     assert sa.teacher_forced(model, prompts, conts) == 1.0
     wrong = [[(t + 1) % model.config.vocab_size for t in c] for c in conts]
     assert sa.teacher_forced(model, prompts, wrong) == 0.0
+
+
+def test_offline_reference_and_noise_floor_end_to_end(tmp_path):
+    """With no vLLM variant the script still evaluates the checkpoint offline (fp32 and bf16,
+    its KV setting and 16-bit KV) and records the bf16-vs-fp32 agreement floor."""
+    import json
+
+    from spinquant_kernels import format as fmt
+    from spinquant_offline import checkpoint, fake_quant, gptq, rotation
+    from spinquant_offline.model import tiny_llama
+    from spinquant_testutils import byte_tokenizer
+
+    model = tiny_llama(vocab=257, dtype=torch.float32)
+    cfg = fmt.SpinQuantConfig.from_preset("W4A4KV4", weight_method="rtn", r4_size=96, r3_size=16)
+    rotation.fuse_norms(model)
+    fake_quant.install(model, cfg)
+    gptq.quantize_weights(model, cfg)
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(ckpt, model, cfg, byte_tokenizer(), {})
+    sa = _load()
+    sa.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--device", "cpu", "--variants",
+             "--windows", "2", "--seqlen", "64", "--prompts", "3", "--prompt-len", "16", "--new-tokens", "4",
+             "--tag", "t"])
+    doc = json.loads((tmp_path / "out" / "served_accuracy_t.json").read_text())
+    assert set(doc["offline"]["ppl"]) == {"float32/kvckpt", "float32/kv16", "bfloat16/kvckpt", "bfloat16/kv16"}
+    assert all(math.isfinite(v) and v > 1 for v in doc["offline"]["ppl"].values())
+    floor = doc["offline"]["noise_floor_bf16_vs_fp32"]["kvckpt"]
+    assert 0 <= floor["greedy_position_match"] <= 1 and 0 <= floor["greedy_teacher_forced"] <= 1
+    assert doc["vllm"] == {} and doc["device"].startswith("cpu") and doc["versions"]["torch"]
+    with pytest.raises(SystemExit, match="float32"):
+        sa.main(["--ckpt", str(ckpt), "--out", str(tmp_path), "--offline-dtypes", "bfloat16"])

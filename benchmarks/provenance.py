@@ -1,0 +1,38 @@
+"""What every raw result file records about its run: command, date (UTC), device, versions.
+
+Benchmark scripts import this as a sibling module (``python benchmarks/X.py`` puts
+benchmarks/ first on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import sys
+
+
+def device_name(device: str | None = None) -> str:
+    """The GPU's name for a CUDA device (default: CUDA when available), else ``cpu (ARCH)``."""
+    try:
+        import torch
+    except ImportError:
+        return "unknown (torch not importable)"
+    cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    return torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "triton", "transformers", "vllm"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a missing or broken package is recorded as such
+            out[name] = None
+    return out
+
+
+def invocation(device: str | None = None) -> dict:
+    """``{"command", "date", "device", "versions"}`` of this process."""
+    return {"command": " ".join([sys.executable, *sys.argv]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "device": device_name(device), "versions": versions()}
