@@ -44,7 +44,8 @@ def accuracy_section(files):
         d = _load(path)
         header = header or d
         sources.append({"file": os.path.relpath(path, RESULTS), "command": d.get("command"),
-                        "device": d.get("device"), "date": d.get("date"), "versions": d.get("versions")})
+                        "device": d.get("device"), "date": d.get("date"), "versions": d.get("versions"),
+                        **({"note": d["note"]} if d.get("note") else {})})
         jobs.update(d.get("jobs", {}))
     # jobs with absmax weight scales (``--no-weight-clip-search``) are an ablation, kept apart
     ablation = {k: v for k, v in jobs.items() if v.get("weight_quantizer") == "absmax"}
@@ -76,12 +77,14 @@ def accuracy_section(files):
         if sec:
             out[bits] = sec
     fp = out.get("fp16", {}).get("ppl")
-    w = out.get("W4A4KV4", {})
-    for wm in ("rtn", "gptq"):
-        had, lrn = w.get(f"hadamard_{wm}"), w.get(f"learned_{wm}")
-        if fp and had and lrn:
-            out.setdefault("learned_vs_hadamard_gap_ratio_W4A4KV4", {})[wm] = round(
-                (statistics.mean(lrn["ppl"]) - fp) / (statistics.mean(had["ppl"]) - fp), 3)
+    for bits in ("W4A4KV4", "W4A4KV16", "W4A16KV16"):
+        w = out.get(bits, {})
+        for wm in ("rtn", "gptq"):
+            had, lrn = w.get(f"hadamard_{wm}"), w.get(f"learned_{wm}")
+            if fp and had and lrn:
+                out.setdefault(f"learned_vs_hadamard_gap_ratio_{bits}", {})[wm] = {
+                    "ratio": round((statistics.mean(lrn["ppl"]) - fp) / (statistics.mean(had["ppl"]) - fp), 3),
+                    "seeds_learned": len(lrn["ppl"]), "seeds_hadamard": len(had["ppl"])}
     if ablation:
         out["ablation_absmax_weight_scales"] = {k: v["ppl"] for k, v in ablation.items()}
     return out, table
@@ -119,42 +122,60 @@ def kernels_section(path):
 # ----------------------------------------------------------------------------
 # serving
 # ----------------------------------------------------------------------------
-def serving_section(files):
-    runs, invocations = {}, []
-    for path in files:
-        d = _load(path)
-        if "runs" not in d:
-            continue  # e.g. a serving_sweep raw file
-        runs.update(d.get("runs", {}))
-        invocations += [dict(i, file=os.path.relpath(path, RESULTS)) for i in d.get("invocations", [])]
-    if not runs:
-        return None
-    out = {"device": invocations[0]["device"] if invocations else None,
-           "workload": "vllm bench throughput, random, 1024 in / 256 out, 400 prompts, Llama-3-8B shapes "
-                       "(dummy weights)",
-           "invocations": invocations, "output_tok_s": {}, "latency_bs1_s": {},
-           "kv_capacity_tokens": {}, "weight_memory_gib": {}}
+def _serving_file(runs):
+    """Headline numbers of one serving_bench.py raw file's runs."""
+    out = {"output_tok_s": {}, "latency_bs1_s": {}, "latency_bs16_s": {}, "kv_capacity_tokens": {},
+           "weight_memory_gib": {}, "tpkv_output_tok_s": {}, "failed": []}
     for name, rec in runs.items():
         kind, cfg = name.split(":", 1)
         key = SERVING_KEYS.get(cfg)
         res = rec.get("result") or {}
-        if rec.get("rc") != 0 or key is None:
+        if rec.get("rc") != 0:
+            out["failed"].append(name)
             continue
-        if kind == "tp":
+        if key is None:
+            continue
+        if kind in ("tp", "tpkv"):
             out_len = int(rec["cmd"].split("--output-len")[1].split()[0])
-            out["output_tok_s"][key] = round(res["num_requests"] * out_len / res["elapsed_time"], 1)
-            if "kv_cache_tokens" in rec:
+            tok_s = round(res["num_requests"] * out_len / res["elapsed_time"], 1)
+            out["output_tok_s" if kind == "tp" else "tpkv_output_tok_s"][key] = tok_s
+            if kind == "tp" and "kv_cache_tokens" in rec:
                 out["kv_capacity_tokens"][key] = int(rec["kv_cache_tokens"])
             if "weight_memory_gib" in rec:
                 out["weight_memory_gib"]["spinquant" if key.startswith("spinquant") else key] = \
                     rec["weight_memory_gib"]
-        elif kind == "lat1":
-            out["latency_bs1_s"][key] = round(res["avg_latency"], 4)
+        elif kind in ("lat1", "lat16"):
+            out["latency_bs1_s" if kind == "lat1" else "latency_bs16_s"][key] = round(res["avg_latency"], 4)
     eager = [n for n in runs if n.startswith("lat1:") and n.endswith("+eager")]
     if eager:
         out["latency_bs1_eager_s"] = {n.split(":")[1]: round(runs[n]["result"]["avg_latency"], 4)
                                       for n in eager if runs[n].get("rc") == 0}
-    return {k: v for k, v in out.items() if v != {}}
+    return {k: v for k, v in out.items() if v not in ({}, [])}
+
+
+def serving_section(files):
+    """Per raw file (one machine session each), plus the newest file's numbers as the headline."""
+    by_file = {}
+    for path in files:
+        d = _load(path)
+        if "runs" not in d:
+            continue  # e.g. a serving_sweep raw file
+        rec = _serving_file(d["runs"])
+        rec["invocations"] = d.get("invocations", [])
+        if d.get("note"):
+            rec["note"] = d["note"]
+        by_file[os.path.relpath(path, RESULTS)] = rec
+    if not by_file:
+        return None
+    newest = max(by_file, key=lambda f: max((i.get("date") or "" for i in by_file[f]["invocations"]), default=""))
+    head = by_file[newest]
+    out = {"device": head["invocations"][0]["device"] if head["invocations"] else None,
+           "workload": "vllm bench throughput, random, 1024 in / 256 out, 400 prompts; vllm bench latency, "
+                       "512 in / 128 out, batch 1 and 16; Llama-3-8B shapes (dummy weights)",
+           "headline_source": newest}
+    out.update({k: v for k, v in head.items() if k not in ("invocations", "note")})
+    out["by_file"] = by_file
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -243,9 +264,12 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
                 L.append(f"| {m} | {len(vals)} | {statistics.mean(vals):.2f}{sd} | "
                          f"{'' if zs is None else f'{zs:.4f}'} |")
             L.append("")
-        for wm, r in acc.get("learned_vs_hadamard_gap_ratio_W4A4KV4", {}).items():
-            L.append(f"- W4A4KV4 {wm.upper()}: learned perplexity gap to FP16 / random-Hadamard gap = {r:.2f} "
-                     "(issue target <= 0.40; the paper's LLaMA-2 7B: about 0.26 with RTN).")
+        for bits in ("W4A4KV4", "W4A4KV16", "W4A16KV16"):
+            for wm, r in acc.get(f"learned_vs_hadamard_gap_ratio_{bits}", {}).items():
+                L.append(f"- {bits} {wm.upper()}: learned perplexity gap to FP16 / random-Hadamard gap = "
+                         f"{r['ratio']:.2f} ({r['seeds_learned']} learned / {r['seeds_hadamard']} Hadamard seeds)"
+                         + (" (issue target <= 0.40; the paper's LLaMA-2 7B: about 0.26 with RTN)."
+                            if bits == "W4A4KV4" else "."))
         L.append("")
         if acc.get("ablation_absmax_weight_scales"):
             L += ["Ablation, absmax weight scales (no MSE clip search): " + ", ".join(
@@ -279,17 +303,27 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
               "ceiling arithmetic: `kernels_h100.md`, `../../docs/KERNELS.md`.", ""]
     s = summary.get("serving")
     if s:
-        L += ["## Serving (" + str(s.get("device")) + ")", "", s["workload"] + ".", "",
-              "| config | output tok/s | vs bf16 | vs fp8 | weight memory GiB | KV capacity tokens |",
-              "|---|---:|---:|---:|---:|---:|"]
-        tp = s.get("output_tok_s", {})
-        for key, v in tp.items():
-            wm = s.get("weight_memory_gib", {}).get("spinquant" if key.startswith("spinquant") else key, "")
-            L.append(f"| {key} | {v:.0f} | {v / tp['bf16']:.2f}x | "
-                     f"{(v / tp['fp8']) if 'fp8' in tp else float('nan'):.2f}x | {wm} | "
-                     f"{s.get('kv_capacity_tokens', {}).get(key, '')} |" if "bf16" in tp else f"| {key} | {v:.0f} |")
-        L += ["", "Invocations:"] + [f"- `{i['command']}` ({i['date']}, {i['device']}, {i['versions']})"
-                                     for i in s.get("invocations", [])] + [""]
+        L += ["## Serving (" + str(s.get("device")) + ")", "", s["workload"] + ".", ""]
+        for src, f in s["by_file"].items():
+            L += [f"### `{src}`", "", "| config | output tok/s (1024/256) | vs bf16 | vs fp8 | latency bs1 s | "
+                  "latency bs16 s | weight memory GiB | KV capacity tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            tp, l1, l16 = f.get("output_tok_s", {}), f.get("latency_bs1_s", {}), f.get("latency_bs16_s", {})
+            ratio = lambda v, base: f"{v / base:.2f}x" if v is not None and base else ""
+            for key in dict.fromkeys(list(tp) + list(l1) + list(l16)):
+                wm = f.get("weight_memory_gib", {}).get("spinquant" if key.startswith("spinquant") else key, "")
+                v = tp.get(key)
+                L.append(f"| {key} | {'' if v is None else f'{v:.0f}'} | {ratio(v, tp.get('bf16'))} | "
+                         f"{ratio(v, tp.get('fp8'))} | {l1.get(key, '')} | {l16.get(key, '')} | {wm} | "
+                         f"{f.get('kv_capacity_tokens', {}).get(key, '')} |")
+            if f.get("tpkv_output_tok_s"):
+                L += ["", "4096 in / 512 out (KV capacity binds): " + ", ".join(
+                    f"{k} {v:.0f} output tok/s" for k, v in f["tpkv_output_tok_s"].items())]
+            if f.get("failed"):
+                L += ["", "Failed runs: " + ", ".join(f["failed"])]
+            if f.get("note"):
+                L += ["", "Note: " + f["note"]]
+            L += ["", "Invocations:"] + [f"- `{i['command']}` ({i['date']}, {i['device']}, {i['versions']})"
+                                         for i in f.get("invocations", [])] + [""]
     for tag, rec in summary.get("served_accuracy", {}).items():
         L += [f"## Served through vLLM: {rec['checkpoint']} ({tag})", "",
               f"`{rec['source']}` ({rec['device']}, {rec['date']}). Perplexity from vLLM's prompt logprobs over the "

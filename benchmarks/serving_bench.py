@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -38,8 +39,9 @@ FLAGS = {
 KINDS = {
     "tp": ["throughput", "--dataset-name", "random", "--input-len", "1024", "--output-len", "256",
            "--num-prompts", "400"],
+    # where KV capacity binds: a 16-bit cache holds ~120 of these 4.6k-token sequences on 8B shapes
     "tpkv": ["throughput", "--dataset-name", "random", "--input-len", "4096", "--output-len", "512",
-             "--num-prompts", "1000"],
+             "--num-prompts", "500"],
     "lat1": ["latency", "--input-len", "512", "--output-len", "128", "--batch-size", "1",
              "--num-iters-warmup", "2", "--num-iters", "5"],
     "lat16": ["latency", "--input-len", "512", "--output-len", "128", "--batch-size", "16",
@@ -73,7 +75,10 @@ def main(argv=None):
     ap.add_argument("--deadline-s", type=float, default=540, help="start no run after this many seconds")
     ap.add_argument("--run-timeout-s", type=float, default=420)
     ap.add_argument("--resume", default=None, help="serving_raw.json of an earlier invocation to extend")
+    ap.add_argument("--skip-done", action="store_true", help="skip runs the --resume file holds with rc 0")
     ap.add_argument("--stop-on-fail", action="store_true", help="skip the remaining runs after a failed one")
+    ap.add_argument("--extra", default="", help="flags added to every run (one shell-quoted string; pass it as --extra=...), "
+                    "e.g. a --compilation-config with a short cudagraph_capture_sizes list")
     ap.add_argument("--vllm", default=os.environ.get("VLLM_CMD", f"{sys.executable} -m vllm.entrypoints.cli.main"))
     args = ap.parse_args(argv)
     runs = [(r, *parse_run(r)) for r in args.runs]
@@ -83,12 +88,15 @@ def main(argv=None):
     if args.resume and os.path.exists(args.resume):
         with open(args.resume) as f:
             doc = json.load(f)
-    doc.setdefault("invocations", []).append(provenance.invocation("cuda"))
+    doc.setdefault("invocations", []).append(provenance.invocation())
     models = os.path.abspath(args.models)
     tokenizer = os.path.join(models, "tokenizer")
     t0 = time.time()
     log = open(os.path.join(args.out, "serving.log"), "a")
     for name, kind, cfg, flags in runs:
+        if args.skip_done and doc["runs"].get(name, {}).get("rc") == 0:
+            print(f"[serving] {name}: done in an earlier invocation; skipped", flush=True)
+            continue
         if time.time() - t0 > args.deadline_s:
             print(f"[serving] deadline reached; skipping {name}", flush=True)
             continue
@@ -96,7 +104,7 @@ def main(argv=None):
         cmd = (args.vllm.split() + ["bench"] + KINDS[kind]
                + ["--model", os.path.join(models, cfg), "--tokenizer", tokenizer,
                   "--load-format", "dummy", "--output-json", out_json]
-               + [x for f in flags for x in FLAGS[f]])
+               + [x for f in flags for x in FLAGS[f]] + shlex.split(args.extra))
         t = time.time()
         # cwd outside the repo: the folder triton_kernels/ must not shadow vLLM's module.
         try:

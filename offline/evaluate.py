@@ -222,12 +222,7 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: Sequence[tuple[str, st
     """
     max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
     device = _device(model)
-    items = []  # (input ids, continuation targets, n continuation tokens)
-    for context, continuation in requests:
-        ctx, cont = encode_pair(tokenizer, context, continuation)
-        full = (ctx + cont)[-(max_length + 1):]
-        n = min(len(cont), len(full) - 1)
-        items.append((full[:-1], full[-n:], n))
+    items = _encoded_requests(tokenizer, requests, max_length)
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     out = [0.0] * len(items)
     pos = 0
@@ -251,6 +246,30 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: Sequence[tuple[str, st
         for r, i in enumerate(batch):
             out[i] = sums[r]
     return out
+
+
+# Encoded requests of the last few task files: every model of one run reads the same
+# requests with the same tokenizer, and encoding HellaSwag alone takes ~10 s.
+_ENCODED: dict = {}
+_ENCODED_MAX = 16
+
+
+def _encoded_requests(tokenizer, requests: Sequence[tuple[str, str]], max_length: int) -> list:
+    """``(input ids, continuation targets, n continuation tokens)`` per request, memoized."""
+    key = (id(tokenizer), max_length, len(requests), hash(tuple(requests)))
+    hit = _ENCODED.get(key)
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    items = []
+    for context, continuation in requests:
+        ctx, cont = encode_pair(tokenizer, context, continuation)
+        full = (ctx + cont)[-(max_length + 1):]
+        n = min(len(cont), len(full) - 1)
+        items.append((full[:-1], full[-n:], n))
+    if len(_ENCODED) >= _ENCODED_MAX:
+        _ENCODED.pop(next(iter(_ENCODED)))
+    _ENCODED[key] = (tokenizer, items)
+    return items
 
 
 def choice_bytes(continuation: str) -> int:

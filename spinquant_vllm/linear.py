@@ -5,8 +5,10 @@ Three jobs (STYLE.md section 6):
 * :meth:`SpinQuantLinearMethod.create_weights` registers the checkpoint
   tensors with vLLM's tensor-parallel-aware parameter classes;
 * :meth:`SpinQuantLinearMethod.process_weights_after_loading` prepares them
-  through :func:`spinquant_kernels.linear.prepare_w4` and picks the kernel
-  backend (:func:`spinquant_kernels.linear.can_implement`);
+  through :func:`spinquant_kernels.linear.prepare_w4`, picks the kernel
+  backend (:func:`spinquant_kernels.linear.can_implement`) and tunes the GEMM
+  autotuner for every M bucket of the layer's shape
+  (:func:`spinquant_kernels.linear.warmup`; ``SPINQUANT_WARMUP=0`` skips it);
 * :meth:`SpinQuantLinearMethod.apply` is one call of
   ``torch.ops.spinquant.w4ax_linear`` (fused block Hadamard for down_proj,
   per-token activation quantization, integer GEMM, scales, bias).
@@ -36,10 +38,12 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import torch
 
 from spinquant_kernels import format as fmt
+from spinquant_kernels import linear as sq_kernels
 from spinquant_kernels.linear import BACKENDS, can_implement, prepare_w4
 from vllm.config import get_current_vllm_config_or_none
 from vllm.distributed import get_tensor_model_parallel_world_size
@@ -48,6 +52,7 @@ from vllm.model_executor.layers.linear import (
     LinearMethodBase,
     MergedColumnParallelLinear,
     QKVParallelLinear,
+    RowParallelLinear,
     register_weight_loader_v2_supported_method,
 )
 from vllm.model_executor.parameter import ChannelQuantScaleParameter, PackedvLLMParameter
@@ -62,6 +67,32 @@ logger = init_logger(__name__)
 # e.g. SPINQUANT_VLLM_BACKENDS=reference to compare against the PyTorch path.
 BACKENDS_ENV = "SPINQUANT_VLLM_BACKENDS"
 PACK_FACTOR = 2  # int4 codes per uint8
+# SPINQUANT_WARMUP=0 skips tuning the GEMM autotuner at load time (default: on).
+WARMUP_ENV = "SPINQUANT_WARMUP"
+# Shapes warmed by this process and the seconds spent (for the log line).
+_WARMUP_TOTAL = {"shapes": 0, "seconds": 0.0}
+
+
+def warmup_enabled() -> bool:
+    """Whether process_weights_after_loading tunes the GEMM for every M bucket (``SPINQUANT_WARMUP``)."""
+    return os.environ.get(WARMUP_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _max_batched_tokens() -> int | None:
+    """vLLM's ``max_num_batched_tokens`` (the largest M a linear sees), if a config is current."""
+    vc = get_current_vllm_config_or_none()
+    m = getattr(getattr(vc, "scheduler_config", None), "max_num_batched_tokens", None)
+    return int(m) if isinstance(m, int) and m > 0 else None
+
+
+def _applied_bias(layer: torch.nn.Module) -> torch.Tensor | None:
+    """The bias vLLM's forward passes to apply() on this rank (None: added elsewhere or absent)."""
+    bias = getattr(layer, "bias", None)
+    if bias is None or getattr(layer, "skip_bias_add", False):
+        return None
+    if isinstance(layer, RowParallelLinear) and getattr(layer, "tp_rank", 0) > 0:
+        return None  # row-parallel layers add the bias on rank 0 only
+    return bias
 
 
 def backend_priority() -> tuple[str, ...]:
@@ -129,6 +160,7 @@ class SpinQuantLinearMethod(LinearMethodBase):
         self._expected_shards: tuple = (None,)
         self._loaded: dict[str, set] | None = None
         self._check_loaded = False
+        self._warmup_max_m: int | None = None
 
     # ------------------------------------------------------------------
     def _check_shapes(self, layer: torch.nn.Module, K: int, N: int, input_size: int) -> None:
@@ -163,6 +195,7 @@ class SpinQuantLinearMethod(LinearMethodBase):
         self._expected_shards = _expected_shards(layer)
         self._loaded: dict[str, set] = {"qweight": set(), "weight_scale": set()}
         self._check_loaded = _checks_loaded_shards()
+        self._warmup_max_m = _max_batched_tokens()  # the config is current while layers are built
 
         qweight = PackedvLLMParameter(
             data=torch.empty(N, K // PACK_FACTOR, dtype=fmt.PACKED_DTYPE),
@@ -230,6 +263,39 @@ class SpinQuantLinearMethod(LinearMethodBase):
             logger.warning("spinquant: %s (%dx%d, act_bits=%d, had_size=%d) runs on backend %r; "
                            "refused before it: %s", self.prefix, N, K, self.act_bits,
                            self.had_size, self.backend, "; ".join(refused))
+        if self.backend == "triton" and warmup_enabled():
+            self._warmup(layer, packed)
+
+    def _warmup(self, layer: torch.nn.Module, packed) -> None:
+        """Tune the GEMM autotuner for every M bucket of this shape (once per shape and process).
+
+        Without it, buckets that vLLM's start-up does not run (prefill chunks of
+        1024-4096 tokens) are tuned inside the first requests that reach them.
+        """
+        dtype = getattr(layer, "params_dtype", None)
+        if dtype not in (torch.bfloat16, torch.float16):
+            dtype = torch.bfloat16
+        max_m = self._warmup_max_m or _max_batched_tokens()
+        t0 = time.perf_counter()
+        try:
+            ran = sq_kernels.warmup(packed, self.act_bits, self.had_size, dtype, _applied_bias(layer),
+                                    max_m=max_m)
+        except Exception as e:  # noqa: BLE001 - tuning ahead of time is an optimisation only
+            logger.warning("spinquant: GEMM warm-up failed for %s (N=%d K=%d): %s: %s; the autotuner "
+                           "will tune on first use instead (%s=0 skips the warm-up)", self.prefix,
+                           packed.N, packed.K, type(e).__name__, e, WARMUP_ENV)
+            return
+        if not ran:
+            return
+        dt = time.perf_counter() - t0
+        _WARMUP_TOTAL["shapes"] += 1
+        _WARMUP_TOTAL["seconds"] += dt
+        sizes = sq_kernels.warmup_sizes(max_m)
+        logger.info("spinquant: GEMM warm-up: %d shape(s) tuned in %.1f s so far (this one: %s "
+                    "N=%d K=%d act_bits=%d had_size=%d, %d token counts up to %d, %.1f s; %s=0 "
+                    "skips it)", _WARMUP_TOTAL["shapes"], _WARMUP_TOTAL["seconds"], self.prefix,
+                    packed.N, packed.K, self.act_bits, self.had_size, len(sizes), max(sizes), dt,
+                    WARMUP_ENV)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,8 +24,9 @@ import torch
 from . import format as fmt
 from .hadamard import decompose, hadamard_transform_ref
 from .hadamard_quant import hadamard_only, hadamard_quant, hadamard_quant_supported
-from .w4a4_gemm import (QUANT_GEMM_MAX_M, w4a4_gemm, w4a4_matmul_exact, w4a4_quant_gemm, w4a16_gemm,
-                        w4a16_supported)
+from . import w4a4_gemm as _gemm
+from .w4a4_gemm import (QUANT_GEMM_MAX_M, _m_bucket, w4a4_gemm, w4a4_matmul_exact, w4a4_quant_gemm,
+                        w4a16_gemm, w4a16_supported)
 
 # Priority order; the reference path is last and accepts every input.
 BACKENDS: tuple[str, ...] = ("triton", "reference")
@@ -233,3 +234,111 @@ def w4ax_linear(x: torch.Tensor, w: PackedW4, act_bits: int, had_size: int = 0,
         q, s, z = hadamard_quant(x2, had_size, act_bits)
         y = w4a4_gemm(q, s, z, w, out_dtype=x.dtype, bias=bias)
     return y.reshape(*lead, w.N)
+
+
+# ----------------------------------------------------------------------------
+# autotuner warm-up
+# ----------------------------------------------------------------------------
+# The GEMM autotuner (w4a4_gemm._tuned_kernel) keys on the M bucket
+# (w4a4_gemm._m_bucket: next power of two, capped at 8192), N, K/2, the
+# activation kind and the dtypes of its tensor arguments (output, bias). A key
+# seen for the first time costs ~6-8 compilations and timing runs. vLLM's
+# start-up only runs M = max_num_batched_tokens and its CUDA-graph sizes
+# (<= 512), so without a warm-up the prefill buckets 1024-4096 are tuned inside
+# the first requests (on the H100, `vllm bench throughput` took 25.7 s instead
+# of 13.0 s). Triton also compiles one binary per specialisation of the integer
+# argument M (M == 1, M % 16 == 0, other): the warm-up runs both alignments of
+# every bucket so prefill chunks of any length find a compiled kernel.
+WARMUP_MAX_M = 8192  # w4a4_gemm._m_bucket's cap: larger M share the 8192 bucket
+_WARMED: set = set()
+
+
+def warmup_buckets(max_m: int | None = None) -> list[int]:
+    """The M buckets the GEMM autotuner keys on for M in ``1..max_m`` (default 8192), ascending.
+
+    Equal to ``sorted({_m_bucket(m) for m in range(1, max_m + 1)})`` (powers of
+    two up to ``_m_bucket(max_m)``), computed without the loop.
+    """
+    max_m = WARMUP_MAX_M if max_m is None else int(max_m)
+    if max_m < 1:
+        raise ValueError(f"max_m must be >= 1, got {max_m}")
+    top = _m_bucket(max_m)
+    out, b = [], 1
+    while b <= top:
+        out.append(b)
+        b *= 2
+    return out
+
+
+def warmup_sizes(max_m: int | None = None, both_alignments: bool = True) -> list[int]:
+    """Token counts the warm-up runs: per bucket of :func:`warmup_buckets`, its largest M <= max_m.
+
+    With ``both_alignments`` also the largest M of the bucket with the other
+    ``M % 16 == 0`` answer, where one exists (Triton compiles each separately).
+    M above 8192 share the 8192 bucket, so sizes never exceed 8192.
+    """
+    max_m = WARMUP_MAX_M if max_m is None else int(max_m)
+    sizes = []
+    for b in warmup_buckets(max_m):
+        lo, hi = b // 2 + 1, min(b, max_m)
+        sizes.append(hi)
+        if both_alignments:
+            other = hi - 1 if hi % 16 == 0 else hi - hi % 16
+            if other >= max(lo, 2):  # M == 1 is its own specialisation (bucket 1)
+                sizes.append(other)
+    return sizes
+
+
+def _warmup_applies(device: torch.device) -> bool:
+    """Only compiled kernels on a GPU are tuned: not on CPU, not under the interpreter."""
+    return torch.device(device).type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def warmup_key(w: PackedW4, act_bits: int, had_size: int = 0, dtype: torch.dtype = torch.bfloat16,
+               bias: torch.Tensor | None = None) -> tuple:
+    """What makes two linears' autotuner keys (and compiled kernels) differ."""
+    return (w.N, w.K, act_bits, _gemm.DEFAULT_MMA if act_bits in (4, 8) else None, had_size, dtype,
+            None if bias is None else bias.dtype, str(w.device))
+
+
+def warmup(w: PackedW4, act_bits: int = 4, had_size: int = 0, dtype: torch.dtype = torch.bfloat16,
+           bias: torch.Tensor | None = None, max_m: int | None = None,
+           sizes: list[int] | None = None) -> bool:
+    """Tune (and compile) the Triton path of ``w4ax_linear`` for this weight at every M bucket.
+
+    Runs :func:`w4ax_linear` once at each of :func:`warmup_sizes` (``max_m``:
+    the largest token count the caller will pass, e.g. vLLM's
+    max_num_batched_tokens; default 8192) on random (M, K) activations of
+    ``dtype``, with ``bias`` when the layer adds one (its dtype is part of the
+    autotuner's key), so the autotuner caches its choice for every key before
+    serving starts. One (max M, K) input buffer is allocated and freed
+    (8192 x 14336 bf16: 235 MB; the largest output, e.g. 8192 x 28672 bf16,
+    470 MB, lives for one call).
+
+    Returns True when it ran; False (at once, launching nothing) on a CPU
+    weight, under ``TRITON_INTERPRET=1``, when the Triton backend cannot run
+    the layer, or when the same shape (:func:`warmup_key`) was warmed before
+    in this process.
+    """
+    if not _warmup_applies(w.device):
+        return False
+    key = warmup_key(w, act_bits, had_size, dtype, bias)
+    if key in _WARMED:
+        return False
+    ok, _ = can_implement("triton", w.device, act_bits, w.K, w.N, had_size)
+    if not ok:
+        _WARMED.add(key)
+        return False
+    sizes = warmup_sizes(max_m) if sizes is None else [int(m) for m in sizes]
+    if sizes:
+        x = torch.randn(max(sizes), w.K, dtype=dtype, device=w.device)
+        with torch.no_grad():
+            for m in sizes:
+                w4ax_linear(x[:m], w, act_bits, had_size, bias, backend="triton")
+        del x
+        if w.device.type == "cuda":
+            torch.cuda.synchronize(w.device)
+            torch.cuda.empty_cache()
+    _WARMED.add(key)
+    return True
+

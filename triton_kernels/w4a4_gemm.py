@@ -360,8 +360,18 @@ def _split_fits(M: int, N: int, kw: dict) -> bool:
     return tiles <= WORKSPACE_TILES and tiles * kw["BLOCK_M"] * kw["BLOCK_N"] <= WORKSPACE_INTS
 
 
+# Split-K candidates stay out of autotuning until an intermittent H100 mismatch is
+# understood: at M=16, K=14336, N=4096 the tile 16x64x128 with SPLIT_K=4 once gave a
+# bf16 + bias result different from the reference right after an exact fp32 call
+# (GPU test run of session 3; the tuned call at that shape failed the same way in
+# session 2). A race in the workspace reduction is the suspect. Explicit configs
+# (tests, benchmarks) still reach the split-K path.
+TUNE_SPLIT_K = False
+
+
 def _prune(configs, named_args, **kwargs):
-    keep = _CONFIGS[_m_range(named_args["M_BUCKET"])]
+    keep = [c for c in _CONFIGS[_m_range(named_args["M_BUCKET"])]
+            if TUNE_SPLIT_K or c.kwargs["SPLIT_K"] == 1]
     M, N = named_args["M"], named_args["N"]
     float_acc = kwargs.get("A_BITS", named_args.get("A_BITS")) == 16
     return [c for c in configs if any(c.kwargs == k.kwargs and c.num_warps == k.num_warps

@@ -98,3 +98,100 @@ def test_linear_gpu(M, K, N, had, act_bits):
     y = w4ax_linear(x, w, act_bits, had)
     yr = w4ax_linear_ref(x, w, act_bits, had)
     _check_layer(x, qw, w, had, None, y, yr, act_bits)
+
+
+# ----------------------------------------------------------------------------
+# autotuner warm-up (spinquant_kernels.linear.warmup)
+# ----------------------------------------------------------------------------
+@pytest.fixture
+def warm_env(monkeypatch):
+    """An empty warmed-shape set, and recorders on the linear's and the GEMM's entry points."""
+    from spinquant_kernels import linear as lin
+    from spinquant_kernels import w4a4_gemm as gemm
+
+    monkeypatch.setattr(lin, "_WARMED", set())
+    calls = {"linear": [], "launch": []}
+
+    def fake_linear(x, w, act_bits, had_size=0, bias=None, backend=None):
+        calls["linear"].append((tuple(x.shape), act_bits, had_size, bias is not None, backend))
+        return x.new_zeros(x.shape[0], w.N)
+
+    def fake_launch(*a, **k):
+        calls["launch"].append(a[8])  # M
+        raise AssertionError("warmup launched a GEMM")
+
+    monkeypatch.setattr(lin, "w4ax_linear", fake_linear)
+    monkeypatch.setattr(gemm, "_launch", fake_launch)
+    return lin, calls
+
+
+def test_warmup_buckets_are_the_autotuner_buckets():
+    from spinquant_kernels.linear import WARMUP_MAX_M, warmup_buckets, warmup_sizes
+    from spinquant_kernels.w4a4_gemm import _m_bucket
+
+    for max_m in (1, 2, 3, 17, 512, 1000, 2048, 8191, 8192, 8193, 20000):
+        want = sorted({_m_bucket(m) for m in range(1, max_m + 1)})
+        assert warmup_buckets(max_m) == want, max_m
+        sizes = warmup_sizes(max_m)
+        assert sorted({_m_bucket(m) for m in sizes}) == want, max_m
+        assert max(sizes) == min(max_m, WARMUP_MAX_M)
+        # every Triton specialisation of M that occurs in a bucket (M == 1, M % 16 == 0, other)
+        for b in want:
+            occurring = {(m == 1, m % 16 == 0) for m in range(b // 2 + 1, min(b, max_m) + 1)}
+            assert {(m == 1, m % 16 == 0) for m in sizes if _m_bucket(m) == b} == occurring, (max_m, b)
+    assert warmup_buckets() == [1 << i for i in range(14)]
+    assert len(warmup_sizes(both_alignments=False)) == 14
+
+
+def test_warmup_is_a_noop_on_cpu_and_under_the_interpreter(warm_env, monkeypatch):
+    lin, calls = warm_env
+    _, w = _layer(32, 64, torch.Generator().manual_seed(0))
+    assert lin.warmup(w, 4, max_m=64) is False
+    assert lin.warmup(w, 16, max_m=64) is False
+    assert calls == {"linear": [], "launch": []}
+    assert lin._WARMED == set()
+    # a CUDA device under TRITON_INTERPRET=1 is not tuned either (no compiled kernels there)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not lin._warmup_applies(torch.device("cuda"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert lin._warmup_applies(torch.device("cuda"))
+    assert not lin._warmup_applies(torch.device("cpu"))
+
+
+def test_warmup_runs_each_bucket_once_per_shape(warm_env, monkeypatch):
+    """With the device check passed (as on a GPU), one linear call per size, and dedup by shape."""
+    lin, calls = warm_env
+    monkeypatch.setattr(lin, "_warmup_applies", lambda device: True)
+    _, w = _layer(32, 128, torch.Generator().manual_seed(0))
+    assert lin.warmup(w, 4, had_size=64, max_m=1000) is True
+    assert [c[0] for c in calls["linear"]] == [(m, 128) for m in lin.warmup_sizes(1000)]
+    assert {c[1:] for c in calls["linear"]} == {(4, 64, False, "triton")}
+    calls["linear"].clear()
+    # same shape again (another layer of the model): nothing
+    assert lin.warmup(w, 4, had_size=64, max_m=1000) is False
+    assert calls["linear"] == []
+    # another key (activation bits, bias dtype, activation dtype): warmed separately
+    assert lin.warmup(w, 8, had_size=64, max_m=16) is True
+    assert lin.warmup(w, 4, had_size=64, bias=torch.zeros(32, dtype=torch.bfloat16), max_m=16) is True
+    assert lin.warmup(w, 4, had_size=64, dtype=torch.float16, max_m=16) is True
+    assert len(calls["linear"]) == 3 * len(lin.warmup_sizes(16))
+    assert len(lin._WARMED) == 4
+    assert calls["launch"] == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act_bits", [4, 16])
+def test_warmup_tunes_every_bucket_gpu(act_bits, monkeypatch):
+    from spinquant_kernels import linear as lin
+    from spinquant_kernels.w4a4_gemm import tuned_configs
+
+    monkeypatch.setattr(lin, "_WARMED", set())
+    N, K, max_m = 96, 256, 300  # a shape no other test tunes
+    _, w = _layer(N, K, torch.Generator().manual_seed(7), "cuda")
+    assert lin.warmup(w, act_bits, max_m=max_m) is True
+    tuned = tuned_configs()
+    for b in lin.warmup_buckets(max_m):
+        # key: (M bucket, N, K/2, A_BITS, MMA_FP8, tensor dtypes...)
+        prefix = f"({b}, {N}, {K // 2}, {act_bits}, False"
+        assert any(k.startswith(prefix) for k in tuned), (b, sorted(tuned))
+    assert lin.warmup(w, act_bits, max_m=max_m) is False

@@ -270,3 +270,14 @@ def test_quant_gemm_small(M, K, N, split):
 @pytest.mark.parametrize("K,N", [(4096, 6144), (4096, 28672), (14336, 4096)])
 def test_quant_gemm_gpu(M, K, N):
     _quant_gemm_check(M, K, N, torch.Generator().manual_seed(M + N), "cuda")
+
+
+def test_autotuning_leaves_split_k_out(monkeypatch):
+    """Split-K tiles are pruned from the tuned candidates (TUNE_SPLIT_K, see w4a4_gemm.py)."""
+    from spinquant_kernels import w4a4_gemm as g
+    args = {"M_BUCKET": 16, "M": 16, "N": 4096, "A_BITS": 4}
+    assert any(c.kwargs["SPLIT_K"] > 1 for c in g._CONFIGS[16])
+    kept = g._prune(g._ALL_CONFIGS, args)
+    assert kept and all(c.kwargs["SPLIT_K"] == 1 for c in kept)
+    monkeypatch.setattr(g, "TUNE_SPLIT_K", True)
+    assert any(c.kwargs["SPLIT_K"] > 1 for c in g._prune(g._ALL_CONFIGS, args))

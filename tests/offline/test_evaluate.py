@@ -83,6 +83,20 @@ def test_loglikelihoods_batched_equal_one_by_one(model, tok):
         assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
 
 
+def test_loglikelihoods_encode_each_request_list_once(model, tok, monkeypatch):
+    reqs = [("The cat sat on the", " mat"), ("Q: 2+2?\nA:", " 4")]
+    calls = []
+    real = evaluate.encode_pair
+    monkeypatch.setattr(evaluate, "encode_pair", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(evaluate, "_ENCODED", {})
+    first = evaluate.loglikelihoods(model, tok, reqs)
+    assert len(calls) == 2
+    assert evaluate.loglikelihoods(model, tok, reqs) == first and len(calls) == 2  # memoized
+    evaluate.loglikelihoods(model, tok, reqs, max_length=4)  # other truncation: encoded again
+    evaluate.loglikelihoods(model, tok, reqs[:1])  # other requests: encoded again
+    assert len(calls) == 5
+
+
 def test_trailing_context_space_moves_to_the_continuation(tok):
     ctx, cont = evaluate.encode_pair(tok, "Answer: ", "yes")
     assert tok.decode(ctx) == "Answer:" and tok.decode(cont) == " yes"

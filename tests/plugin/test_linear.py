@@ -372,3 +372,133 @@ def test_apply_float16_activations(loaded, sqnr):
         y = layer.quant_method.apply(layer, x)
         assert y.dtype == torch.float16
         assert sqnr(runtime_math_ref(x, codes, scale, 4, had).float(), y.float()) > 35, vname
+
+
+# ----------------------------------------------------------------------------
+# GEMM autotuner warm-up at load time
+# ----------------------------------------------------------------------------
+def _warm_layers(bias=False, n=2):
+    """``n`` down_proj layers of one shape (64 x 128, r4 64) with loaded weights, not yet processed."""
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    from spinquant_vllm.config import SpinQuantVllmConfig
+
+    cfg = fmt.SpinQuantConfig.from_preset("W4A4KV16", r4_size=64)
+    g = torch.Generator().manual_seed(GEN_SEED)
+    layers = []
+    for i in range(n):
+        layer = RowParallelLinear(128, 64, quant_config=SpinQuantVllmConfig(cfg), bias=bias,
+                                  params_dtype=torch.bfloat16, prefix=f"model.layers.{i}.mlp.down_proj")
+        q, s = fmt.quantize_weight(torch.randn(64, 128, generator=g), mse=False)
+        layer.qweight.weight_loader(layer.qweight, fmt.pack_int4(q))
+        layer.weight_scale.weight_loader(layer.weight_scale, s)
+        if bias:
+            layer.bias.weight_loader(layer.bias, torch.randn(64, generator=g).to(torch.bfloat16))
+        layers.append(layer)
+    return layers
+
+
+@pytest.fixture
+def warm_record(monkeypatch):
+    """Record spinquant_kernels.linear.warmup calls made by the plugin (kernels never run)."""
+    from spinquant_kernels import linear as lin
+
+    calls = []
+
+    def fake(w, act_bits=4, had_size=0, dtype=torch.bfloat16, bias=None, max_m=None, sizes=None):
+        calls.append(dict(NK=(w.N, w.K), act_bits=act_bits, had_size=had_size, dtype=dtype,
+                          bias=None if bias is None else bias.dtype, max_m=max_m, qweight=w.qweight))
+        return False
+
+    monkeypatch.setattr(lin, "warmup", fake)
+    monkeypatch.delenv("SPINQUANT_WARMUP", raising=False)
+    return calls
+
+
+def test_process_weights_calls_warmup_with_final_weights(vllm_ctx, warm_record):
+    from vllm.config import get_current_vllm_config
+
+    (layer,) = _warm_layers(bias=True, n=1)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.quant_method.backend == "triton"  # interpreted on CPU
+    max_m = get_current_vllm_config().scheduler_config.max_num_batched_tokens
+    assert warm_record == [dict(NK=(64, 128), act_bits=4, had_size=64, dtype=torch.bfloat16,
+                                bias=torch.bfloat16, max_m=max_m, qweight=warm_record[0]["qweight"])]
+    # the packed tensor the op reads, not the loader's parameter
+    assert warm_record[0]["qweight"].data_ptr() == layer.qweight.data_ptr()
+
+
+@pytest.mark.parametrize("value", ["0", "off", "false"])
+def test_warmup_env_var_disables_it(vllm_ctx, warm_record, monkeypatch, value):
+    from spinquant_vllm import linear as sq_linear
+
+    monkeypatch.setenv(sq_linear.WARMUP_ENV, value)
+    assert not sq_linear.warmup_enabled()
+    for layer in _warm_layers():
+        layer.quant_method.process_weights_after_loading(layer)
+    assert warm_record == []
+
+
+def test_warmup_skipped_on_reference_backend(vllm_ctx, warm_record, monkeypatch):
+    from spinquant_vllm import linear as sq_linear
+
+    monkeypatch.setenv(sq_linear.BACKENDS_ENV, "reference")
+    for layer in _warm_layers():
+        layer.quant_method.process_weights_after_loading(layer)
+    assert warm_record == []
+
+
+def test_warmup_on_cpu_launches_nothing(vllm_ctx, monkeypatch):
+    """The real warm-up under the interpreter on CPU: returns at once, no kernel, no log total."""
+    from spinquant_kernels import linear as lin
+    from spinquant_kernels import w4a4_gemm as gemm
+    from spinquant_vllm import linear as sq_linear
+
+    def boom(*a, **k):
+        raise AssertionError("warm-up launched a kernel on CPU")
+
+    monkeypatch.delenv(sq_linear.WARMUP_ENV, raising=False)
+    monkeypatch.setattr(lin, "w4ax_linear", boom)
+    monkeypatch.setattr(gemm, "_launch", boom)
+    monkeypatch.setattr(lin, "_WARMED", set())
+    monkeypatch.setattr(sq_linear, "_WARMUP_TOTAL", {"shapes": 0, "seconds": 0.0})
+    for layer in _warm_layers():
+        layer.quant_method.process_weights_after_loading(layer)
+    assert lin._WARMED == set() and sq_linear._WARMUP_TOTAL["shapes"] == 0
+
+
+def test_warmup_once_per_shape_across_layers(vllm_ctx, monkeypatch):
+    """Two layers of one shape: the second finds the shape in the warmed set (as on a GPU)."""
+    from spinquant_kernels import linear as lin
+    from spinquant_vllm import linear as sq_linear
+
+    runs = []
+    monkeypatch.delenv(sq_linear.WARMUP_ENV, raising=False)
+    monkeypatch.setattr(lin, "_warmup_applies", lambda device: True)
+    monkeypatch.setattr(lin, "_WARMED", set())
+    monkeypatch.setattr(lin, "w4ax_linear",
+                        lambda x, w, *a, **k: runs.append(x.shape[0]) or x.new_zeros(x.shape[0], w.N))
+    monkeypatch.setattr(sq_linear, "_WARMUP_TOTAL", {"shapes": 0, "seconds": 0.0})
+    layers = _warm_layers(n=3)
+    for layer in layers:
+        layer.quant_method.process_weights_after_loading(layer)
+    max_m = layers[0].quant_method._warmup_max_m
+    assert runs == lin.warmup_sizes(max_m)
+    assert sq_linear._WARMUP_TOTAL["shapes"] == 1
+
+
+def test_failed_warmup_warns_and_loading_goes_on(vllm_ctx, monkeypatch, caplog):
+    from spinquant_kernels import linear as lin
+
+    def boom(*a, **k):
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(lin, "warmup", boom)
+    monkeypatch.delenv("SPINQUANT_WARMUP", raising=False)
+    (layer,) = _warm_layers(n=1)
+    warned = []
+    from spinquant_vllm import linear as sq_linear
+    monkeypatch.setattr(sq_linear.logger, "warning", lambda msg, *a: warned.append(msg % a))
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.quant_method.backend == "triton"
+    assert len(warned) == 1 and "out of resources" in warned[0] and "SPINQUANT_WARMUP" in warned[0]

@@ -1,0 +1,63 @@
+"""benchmarks/serving_bench.py on CPU, with a stand-in for the ``vllm`` command line."""
+
+import json
+import sys
+
+import pytest
+
+from spinquant_testutils import load_script
+
+FAKE_VLLM = r'''
+import json, sys
+argv = sys.argv[1:]
+with open(argv[argv.index("--output-json") + 1], "w") as f:
+    json.dump({"avg_latency": 0.25, "argv": argv}, f)
+print("Model loading took 5.22 GiB and 1.0 s")
+print("GPU KV cache size: 1,234 tokens")
+sys.exit(3 if "--fail" in argv else 0)
+'''
+
+
+@pytest.fixture
+def bench(tmp_path):
+    fake = tmp_path / "fake_vllm.py"
+    fake.write_text(FAKE_VLLM)
+    models = tmp_path / "models"
+    (models / "bf16").mkdir(parents=True)
+    (models / "tokenizer").mkdir()
+    mod = load_script("serving_bench")
+    out = tmp_path / "out"
+
+    def run(*extra):
+        mod.main(["--out", str(out), "--models", str(models), "--vllm", f"{sys.executable} {fake}",
+                  "--resume", str(out / "serving_raw.json"), *extra])
+        return json.loads((out / "serving_raw.json").read_text())
+    return run
+
+
+def test_extra_flags_reach_every_run_and_logs_are_parsed(bench):
+    doc = bench("--runs", "lat1:bf16", "lat16:bf16+fp8", """--extra=--compilation-config '{"a": [1, 2]}'""")
+    for name in ("lat1:bf16", "lat16:bf16+fp8"):
+        rec = doc["runs"][name]
+        argv = rec["result"]["argv"]
+        assert rec["rc"] == 0 and argv[argv.index("--compilation-config") + 1] == '{"a": [1, 2]}'
+        assert rec["weight_memory_gib"] == 5.22 and rec["kv_cache_tokens"] == 1234
+    assert "--quantization" in doc["runs"]["lat16:bf16+fp8"]["result"]["argv"]
+
+
+def test_skip_done_reruns_only_failed_runs(bench):
+    bench("--runs", "lat1:bf16", "tp:bf16", "--extra=--fail")
+    doc = bench("--runs", "lat1:bf16", "--extra=")
+    assert doc["runs"]["lat1:bf16"]["rc"] == 0 and doc["runs"]["tp:bf16"]["rc"] == 3
+    first = doc["runs"]["lat1:bf16"]["wall_s"]
+    doc = bench("--runs", "lat1:bf16", "tp:bf16", "--skip-done")
+    assert doc["runs"]["lat1:bf16"]["wall_s"] == first  # not run again
+    assert doc["runs"]["tp:bf16"]["rc"] == 0  # the failed one ran again
+    assert len(doc["invocations"]) == 3
+
+
+def test_bad_run_names_are_refused(bench):
+    with pytest.raises(ValueError, match="run kind"):
+        bench("--runs", "bogus:bf16")
+    with pytest.raises(ValueError, match="run flag"):
+        bench("--runs", "tp:bf16+int3kv")
