@@ -12,6 +12,8 @@ by the format's MSE clip search before the column loop.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -24,6 +26,33 @@ from .fake_quant import QuantLinear, quant_linears
 def rtn(w: torch.Tensor, bits: int, clip_search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest (MSE clip search or absmax scales): ``(q (N,K) int8, scale (N,) f32)``."""
     return fmt.quantize_weight(w, bits, mse=clip_search)
+
+
+# Damping tries: ``damp``, then 10x and 100x it, before the Hessian is refused.
+DAMP_TRIES = 3
+
+
+def _damped_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Cholesky factor of ``H + d * mean(diag H) * I`` for the first ``d`` in damp, 10 damp, 100 damp that works.
+
+    Float error can leave a Hessian of strongly outlying activations with a
+    slightly negative eigenvalue that the default damping does not cover;
+    larger damping (as other GPTQ implementations do) trades a little
+    precision for a factorization. A warning names the damping used.
+    """
+    K = H.shape[0]
+    base = torch.mean(torch.diag(H))
+    eye = torch.eye(K, device=H.device, dtype=H.dtype)
+    for attempt in range(DAMP_TRIES):
+        d = damp * 10 ** attempt
+        L, info = torch.linalg.cholesky_ex(H + d * base * eye)
+        if int(info) == 0:
+            if attempt:
+                warnings.warn(f"GPTQ: Hessian ({K}x{K}) needed damping {d:g} x its mean diagonal "
+                              f"(default {damp:g}) to factorize", RuntimeWarning, stacklevel=3)
+            return L
+    raise ValueError(f"GPTQ: Hessian ({K}x{K}) is not positive definite even with damping {d:g} x its mean "
+                     f"diagonal (mean diagonal {float(base):.3g}; leading minor {int(info)} failed)")
 
 
 @torch.no_grad()
@@ -43,8 +72,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, block: int = 128, damp: fl
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(K, device=H.device)
-    L = torch.linalg.cholesky(H)
+    L = _damped_cholesky(H, damp)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     Q = torch.zeros(N, K, dtype=fmt.CODE_DTYPE, device=W.device)
     for i1 in range(0, K, block):

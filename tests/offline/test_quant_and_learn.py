@@ -126,3 +126,19 @@ def test_weight_clip_search_option_reaches_learning_and_rtn(clip_search):
         absmax = fmt.sym_scale(lin.weight_codes.float() * lin.weight_scale[:, None], 4).squeeze(1)
         # absmax scales reproduce themselves exactly; the clip search picks smaller ones somewhere
         assert torch.allclose(lin.weight_scale, absmax) == (not clip_search)
+
+
+def test_gptq_damps_more_when_the_hessian_is_slightly_indefinite():
+    g = torch.Generator().manual_seed(7)
+    K = 32
+    X = torch.randn(8, K, generator=g)
+    H = X.T @ X  # rank 8: positive semi-definite only
+    H -= 0.05 * torch.mean(torch.diag(H)) * torch.eye(K)  # eigenvalues down to -5% of the mean diagonal
+    w = torch.randn(16, K, generator=g)
+    with pytest.raises(Exception):
+        torch.linalg.cholesky(H + 0.01 * torch.mean(torch.diag(H)) * torch.eye(K))  # default damping fails
+    with pytest.warns(RuntimeWarning, match="damping 0.1"):
+        q, scale = gptq.gptq(w, H, 4)
+    assert q.shape == (16, K) and torch.isfinite(scale).all()
+    with pytest.raises(ValueError, match=r"not positive definite even with damping 1 x"):
+        gptq.gptq(w, -torch.eye(K), 4)
