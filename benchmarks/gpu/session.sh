@@ -22,7 +22,9 @@
 #   tp8b lat8b tpkv8b  .gpu-carry/llama8b    session 3: vllm bench, every config with the same short
 #                                            CUDA-graph size list (bench8b)
 # Session 2 ran: machine 1 vllm1 vllm2 gguf1 acc1 acc2 serve serve; machine 2 vllm1 vllm2 gguf1
-# ckserve; machine 3 vllm1 vllm2 server8b (docs/RESULTS.md). Timed steps want GPU_TESTS=0.
+# ckserve; machine 3 vllm1 vllm2 server8b. Session 3: machine 1 vllm1, GPU_TESTS=0 vllm2, tp8b x2,
+# lat8b, lat16 + tp:bf16+int4kv by hand; machine 2 vllm1 vllm2 gguf1 accbg (then two processes) and
+# two restarts by hand (docs/RESULTS.md). Timed steps want GPU_TESTS=0.
 set -uo pipefail
 step=${1:?usage: session.sh STEP}
 OUT=${OUT:?OUT must be set}
@@ -53,9 +55,9 @@ overhead_sweep() {
      --config "vllm_serve=$py -m vllm.entrypoints.cli.main serve $2 --port {port} $5 $ccfg" \
      --config "spinquant_serve=spinquant serve $2 --engine vllm --port {port} $5 $ccfg" 2>&1 | tail -6
 }
-# Background accuracy jobs (session 3): several accuracy.py processes share the GPU (each is
-# bound by kernel launches, not by the GPU), outlive the device call, and are polled by later
-# calls. Their wall times are upper bounds.
+# Background accuracy jobs: accuracy.py processes that outlive the device call and are polled by
+# later calls. A learning job holds ~36 GB, so run one learning process at a time (session 3:
+# two beside the GPU tests ran out of memory). Wall times beside other GPU work are upper bounds.
 launch_acc() {
   local name=$1; shift; local repo; repo=$(pwd)
   (cd /tmp && setsid nohup bash -c "cd $repo && source benchmarks/gpu/setup.sh >/dev/null 2>&1; \
