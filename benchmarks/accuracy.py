@@ -25,6 +25,7 @@ import time
 
 import torch
 
+import provenance  # benchmarks/provenance.py (this script's folder is on sys.path)
 from spinquant_kernels import format as fmt
 from spinquant_offline import data, evaluate, fake_quant, pipeline, rotation
 from spinquant_offline.model import default_model_path, load_model
@@ -102,10 +103,7 @@ def main(argv=None):
     }
 
     def save():
-        tmp = raw_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({**header, "jobs": results}, f, indent=1)
-        os.replace(tmp, raw_path)
+        provenance.write_json(raw_path, {**header, "jobs": results})
 
     base, tok = load_model(None, dtype=torch.float32, device=args.device)
     eval_ids = data.eval_ids(tok)

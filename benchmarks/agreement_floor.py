@@ -58,9 +58,7 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     tag = args.tag or ("unquantized" if not args.ckpt else os.path.basename(os.path.normpath(args.ckpt)))
     path = os.path.join(args.out, f"agreement_floor_{tag}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(path + ".tmp", path)
+    provenance.write_json(path, res)
     print(json.dumps({k: v for k, v in res.items() if k not in ("command", "versions")}))
 
 

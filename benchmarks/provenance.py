@@ -36,3 +36,28 @@ def invocation(device: str | None = None) -> dict:
     return {"command": " ".join([sys.executable, *sys.argv]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "device": device_name(device), "versions": versions()}
+
+
+def write_json(path: str, obj, **dump_kwargs) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
+    import json
+    import os
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, **dump_kwargs)
+    os.replace(tmp, path)
+
+
+def resume_doc(resume: str | None, empty: dict, device: str | None = None) -> dict:
+    """The raw document of an earlier invocation (``resume``, when it exists) or ``empty``,
+    with this invocation appended to its ``invocations`` list."""
+    import json
+    import os
+
+    doc = empty
+    if resume and os.path.exists(resume):
+        with open(resume) as f:
+            doc = json.load(f)
+    doc.setdefault("invocations", []).append(invocation(device))
+    return doc

@@ -381,6 +381,18 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
 # ----------------------------------------------------------------------------
 # plots (matplotlib's Agg canvas; no pyplot state)
 # ----------------------------------------------------------------------------
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _log2_axis(ax, xlabel, ylabel):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
 def _figure(ncols, title):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -418,9 +430,7 @@ def plot_accuracy(acc, path):
     ax.set_xticks(range(len(settings)), settings)
     ax.set_ylabel("perplexity (log)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def plot_kernels(rows, path):
@@ -434,13 +444,9 @@ def plot_kernels(rows, path):
             rs = sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["M"])
             ax.plot([r["M"] for r in rs], [r[base] / best(r) for r in rs], marker="o", label=shape)
         ax.axhline(1.0, color="k", linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("M (tokens)")
-        ax.set_ylabel("speedup " + label)
+        _log2_axis(ax, "M (tokens)", "speedup " + label)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def plot_sweep(points, path):
@@ -456,13 +462,9 @@ def plot_sweep(points, path):
         for ax, k in zip(axes, ("output_tokens_per_s", "ttft_p50_s", "tpot_p50_s")):
             ax.plot(c, [p[k] for p in ps], marker="o", label=f"{cfg} {shape}")
     for ax, lab in zip(axes, ("output tok/s", "TTFT p50 (s)", "TPOT p50 (s)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrency")
-        ax.set_ylabel(lab)
+        _log2_axis(ax, "concurrency", lab)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def main(argv=None):

@@ -303,10 +303,7 @@ def main(argv=None) -> None:
     }
 
     def save():
-        tmp = out_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, out_path)
+        provenance.write_json(out_path, result)
 
     ref = offline_reference(args.ckpt, windows, prompts, args.new_tokens, args.device, args.offline_dtypes)
     model = ref.pop("model")

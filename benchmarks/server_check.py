@@ -181,9 +181,7 @@ def main(argv=None) -> int:
             result["shutdown_s"] = time.time() - t1
     with open(log_path) as f:
         result["server_log_tail"] = f.read()[-4000:]
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(out_path + ".tmp", out_path)
+    provenance.write_json(out_path, result, default=str)
     print(f"[server_check] all_ok={result['all_ok']} -> {out_path}", flush=True)
     if not result["all_ok"] and "error" in result:
         print(result["server_log_tail"][-3000:], flush=True)

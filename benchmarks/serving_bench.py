@@ -84,11 +84,7 @@ def main(argv=None):
     runs = [(r, *parse_run(r)) for r in args.runs]
     os.makedirs(args.out, exist_ok=True)
     raw_path = os.path.join(args.out, "serving_raw.json")
-    doc = {"runs": {}}
-    if args.resume and os.path.exists(args.resume):
-        with open(args.resume) as f:
-            doc = json.load(f)
-    doc.setdefault("invocations", []).append(provenance.invocation())
+    doc = provenance.resume_doc(args.resume, {"runs": {}})
     models = os.path.abspath(args.models)
     tokenizer = os.path.join(models, "tokenizer")
     t0 = time.time()
@@ -133,9 +129,7 @@ def main(argv=None):
         log.write(f"===== {name} rc={rc}\n$ {' '.join(cmd)}\n")
         log.write("\n".join(l for l in text.splitlines()[-60:] if "Warning" not in l) + "\n")
         log.flush()
-        with open(raw_path + ".tmp", "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(raw_path + ".tmp", raw_path)
+        provenance.write_json(raw_path, doc)
         if rc != 0 and args.stop_on_fail:
             print(f"[serving] {name} failed; stopping (see serving.log)", flush=True)
             print("\n".join(text.splitlines()[-40:]), flush=True)

@@ -103,11 +103,7 @@ def main(argv=None):
         configs.append((name.strip(), cmd.strip()))
     os.makedirs(args.out, exist_ok=True)
     raw_path = os.path.join(args.out, "serving_sweep_raw.json")
-    doc = {"points": {}}
-    if args.resume and os.path.exists(args.resume):
-        with open(args.resume) as f:
-            doc = json.load(f)
-    doc.setdefault("invocations", []).append(provenance.invocation())
+    doc = provenance.resume_doc(args.resume, {"points": {}})
     t_start = time.time()
     models = os.path.abspath(args.models)
     log = open(os.path.join(args.out, "serving_sweep.log"), "a")
@@ -141,9 +137,7 @@ def main(argv=None):
                 print(f"[sweep] {name} {p}x{o} c={c}: {res['output_tokens_per_s']} out tok/s, "
                       f"TTFT p50 {res['ttft_p50_s']}, TPOT p50 {res['tpot_p50_s']}, errors {res['errors']}",
                       flush=True)
-                with open(raw_path + ".tmp", "w") as f:
-                    json.dump(doc, f, indent=1)
-                os.replace(raw_path + ".tmp", raw_path)
+                provenance.write_json(raw_path, doc)
         except (RuntimeError, TimeoutError) as exc:
             print(f"[sweep] {name} failed: {exc} (see serving_sweep.log)", flush=True)
             doc.setdefault("failures", {})[name] = str(exc)
@@ -155,9 +149,7 @@ def main(argv=None):
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-    with open(raw_path + ".tmp", "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(raw_path + ".tmp", raw_path)
+    provenance.write_json(raw_path, doc)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@
 #                                            served accuracy (benchmarks/served_accuracy.py)
 #   server    -                              openai-client check + overhead sweep on /tmp/ckpt/w4a4kv4
 #   server8b  .gpu-carry/llama8b             the same on the Llama-3-8B-shaped checkpoint (dummy weights)
-#   lat1 lat16 tp tpkv  .gpu-carry/llama8b   vllm bench latency / throughput side by side
 #   kv        -                              benchmarks/kv_attention.py
 #   accbg     .gpu-carry/b                   the missing learned jobs, one background accuracy.py process
 #   accwait   -                              poll them (up to 560 s) and collect what they wrote
-#   tp8b lat8b tpkv8b  .gpu-carry/llama8b    session 3: vllm bench, every config with the same short
-#                                            CUDA-graph size list (bench8b)
+#   tp8b lat8b tpkv8b  .gpu-carry/llama8b    vllm bench throughput / latency side by side, every config
+#                                            with the same short CUDA-graph size list (bench8b)
 # Session 2 ran: machine 1 vllm1 vllm2 gguf1 acc1 acc2 serve serve; machine 2 vllm1 vllm2 gguf1
 # ckserve; machine 3 vllm1 vllm2 server8b. Session 3: machine 1 vllm1, GPU_TESTS=0 vllm2, tp8b x2,
 # lat8b, lat16 + tp:bf16+int4kv by hand; machine 2 vllm1 vllm2 gguf1 accbg (then two processes) and
@@ -209,18 +208,6 @@ lat8b)
 tpkv8b)
   setup
   bench8b 280 tpkv:spinquant_w4a4kv4 tpkv:spinquant_w4a4kv16 tpkv:bf16+int4kv; collect ;;
-lat1|lat16|tp|tpkv)
-  setup
-  case $step in
-    lat1)  runs="lat1:bf16 lat1:bf16+fp8 lat1:spinquant_w4a4kv16" ;;
-    lat16) runs="lat16:bf16 lat16:bf16+fp8 lat16:spinquant_w4a4kv16" ;;
-    tp)    runs="tp:spinquant_w4a4kv4 tp:bf16+int4kv tp:spinquant_w4a4kv16" ;;
-    tpkv)  runs="tpkv:spinquant_w4a4kv4 tpkv:spinquant_w4a4kv16" ;;
-  esac
-  python3 benchmarks/serving_bench.py --out /tmp/serv --models .gpu-carry/llama8b --deadline-s 470 \
-     --run-timeout-s 300 --resume /tmp/serv/serving_raw.json --runs $runs 2>&1 | tail -12
-  cp /tmp/serv/serving_raw.json /tmp/res/serving_raw.json; cp /tmp/serv/serving.log /tmp/res/serving.log
-  tail -3 /tmp/res/pytest_gpu.log; collect ;;
 gputests)
   # the GPU-marked tests in the foreground (after vllm2; needs no GGUF)
   setup
