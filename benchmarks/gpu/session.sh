@@ -25,7 +25,7 @@
 # lat8b, lat16 + tp:bf16+int4kv by hand; machine 2 vllm1 vllm2 gguf1 accbg (then two processes) and
 # two restarts by hand (docs/RESULTS.md). Timed steps want GPU_TESTS=0.
 set -uo pipefail
-step=${1:?usage: session.sh STEP}
+[ $# -ge 1 ] || { echo "usage: session.sh STEP [STEP...]" >&2; exit 2; }
 OUT=${OUT:?OUT must be set}
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
@@ -40,7 +40,10 @@ start_gpu_tests() {
   local repo; repo=$(pwd)
   (cd /tmp && setsid nohup bash -c "cd $repo && source benchmarks/gpu/setup.sh >/dev/null 2>&1; \
       timeout 1500 pytest tests -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rfE > /tmp/res/pytest_gpu.log 2>&1; \
-      echo exit \$? >> /tmp/res/pytest_gpu.log" > /dev/null 2>&1 &)
+      echo exit \$? >> /tmp/res/pytest_gpu.log; \
+      SPINQUANT_TUNE_SPLIT_K=1 timeout 600 pytest tests/kernels -m gpu -q -p no:cacheprovider -rfE \
+        -k 'linear_gpu or bucket16 or split' > /tmp/res/pytest_gpu_splitk.log 2>&1; \
+      echo exit \$? >> /tmp/res/pytest_gpu_splitk.log" > /dev/null 2>&1 &)
 }
 # `spinquant serve` against `vllm serve` on one checkpoint, same flags, 1024 in / 256 out, 64 streams.
 # Args: OUT_SUBDIR CKPT VOCAB REQUESTS "EXTRA FLAGS". A short CUDA-graph size list keeps each start
@@ -87,6 +90,7 @@ bench8b() {
 }
 collect() { tar -czf "$OUT/res_$step.tgz" -C /tmp/res . && ls -la "$OUT"; }
 
+for step in "$@"; do
 case $step in
 vllm1)
   # s1/s2: the bundle's p1 tar cut in two (p1split.*), so each carry leaves room for the tree
@@ -220,5 +224,18 @@ kv)
   setup
   python3 benchmarks/kv_attention.py --out /tmp/res/kv 2>&1 | tail -30
   collect ;;
+kern)
+  # kernel timings on a quiet GPU (no vLLM needed): the default tuning, then the decode
+  # buckets with split-K back in the autotuner's candidates (SPINQUANT_TUNE_SPLIT_K=1)
+  setup
+  timeout 260 python3 benchmarks/kernels.py --out /tmp/res --budget-s 215 --hq-sweep 2>&1 | tail -4
+  SPINQUANT_TUNE_SPLIT_K=1 timeout 150 python3 benchmarks/kernels.py --out /tmp/res --tag h100_splitk \
+     --ms 1 16 64 --budget-s 110 2>&1 | tail -4
+  collect ;;
+bench)
+  # any list of serving_bench runs: RUNS="tp:bf16+fp8 lat1:bf16 ..." DEADLINE=300 session.sh bench
+  setup; for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 $p; done
+  bench8b "${DEADLINE:-300}" ${RUNS:?RUNS must list serving_bench runs}; collect ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
+done

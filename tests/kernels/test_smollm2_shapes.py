@@ -201,8 +201,8 @@ def test_w4a4_gemm_exact_with_gpu_tiles(name, M, tile):
     q, s, z = fmt.quantize_act(x, 4)
     y = w4a4_gemm(fmt.pack_int4(q), s, z, w, torch.float32, config=tile)
     assert torch.equal(y, w4a4_matmul_exact(q, s, z, qw, w.scale))
-    ws, cnt = _workspace(torch.device(DEV))
-    assert not ws.any() and not cnt.any()  # split-K leaves its workspace clean
+    _, cnt = _workspace(torch.device(DEV))
+    assert not cnt.any()  # split-K resets its arrival counters
 
 
 def test_quant_gemm_decode_kernel_qkv():

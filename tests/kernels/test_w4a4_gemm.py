@@ -60,13 +60,17 @@ def test_gemm_exact_small(M, K, N, bits):
 @pytest.mark.parametrize("mma", ["int8", "fp8"])
 def test_gemm_split_k_small(split, K, mma):
     # K/2 = 160 bytes over BLOCK_K = 32: 5 iterations split 2 (3 + 2), 3 split 3,
-    # 1 split 4 (three splits with nothing to add); called twice: the workspace
-    # must be clean again after each call
+    # 1 split 4 (three splits with nothing to add); called twice, the second time
+    # over a workspace full of stale values: each split overwrites its own slice
+    from spinquant_kernels.w4a4_gemm import _workspace
+    ws, cnt = _workspace(torch.device("cpu"))
     g = torch.Generator().manual_seed(split * 100 + K)
     N, M = 70, 17
     qw, w = _weight(N, K, g)
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SPLIT_K": split}
-    for _ in range(2):
+    for i in range(2):
+        if i:
+            ws.fill_(-12345)
         q, qa, s, z = _acts(M, K, 4, g)
         y = w4a4_gemm(qa, s, z, w, torch.float32, mma=mma, config=cfg)
         assert torch.equal(y, fmt.w4a4_matmul_ref(q, s, z, qw, w.scale))
@@ -74,9 +78,7 @@ def test_gemm_split_k_small(split, K, mma):
     bias = torch.randn(N, generator=g).to(torch.bfloat16)
     yb = w4a4_gemm(qa, s, z, w, torch.float32, bias=bias, mma=mma, config=cfg)
     assert torch.equal(yb, w4a4_gemm_ref(qa, s, z, w, torch.float32, bias=bias))
-    from spinquant_kernels.w4a4_gemm import _workspace
-    ws, cnt = _workspace(torch.device("cpu"))
-    assert not ws.any() and not cnt.any()
+    assert not cnt.any()  # every tile's arrival counter is reset for the next call
 
 
 def test_gemm_worst_case_codes_small():
@@ -174,11 +176,16 @@ def test_gemm_bucket16_tiles_gpu(cfg, bits):
     qw, w = _weight(N, K, g, "cuda")
     q, qa, s, z = _acts(M, K, bits, g, "cuda")
     bias = torch.randn(N, generator=g).to(torch.bfloat16).cuda()
-    for _ in range(2):  # split-K: the workspace is clean again after each call
+    ref = w4a4_gemm_ref(qa, s, z, w, torch.bfloat16, bias=bias)
+    exact = w4a4_matmul_exact(q, s, z, qw, w.scale)
+    # split-K: the arrival counters are reset after each call; the session-3 mismatch
+    # was intermittent, so split tiles run several rounds of fp32 then bf16 + bias
+    for i in range(8 if cfg["SPLIT_K"] > 1 else 2):
         y = w4a4_gemm(qa, s, z, w, torch.float32, config=cfg)
-        assert torch.equal(y, w4a4_matmul_exact(q, s, z, qw, w.scale))
+        assert torch.equal(y, exact), f"round {i}: fp32 differs"
         yb = w4a4_gemm(qa, s, z, w, torch.bfloat16, bias=bias, config=cfg)
-        assert torch.equal(yb, w4a4_gemm_ref(qa, s, z, w, torch.bfloat16, bias=bias))
+        bad = int((yb != ref).sum())
+        assert bad == 0, f"round {i}: {bad} of {yb.numel()} bf16 + bias outputs differ"
 
 
 @pytest.mark.gpu
