@@ -31,6 +31,8 @@ import time
 
 import torch
 
+import provenance  # benchmarks/provenance.py (this script's folder is on sys.path)
+
 SHAPES = [  # name, K, N, had_size (Llama-3-8B)
     ("qkv", 4096, 6144, 0),
     ("o", 4096, 4096, 0),
@@ -359,6 +361,35 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def merge_runs(paths: list[str]) -> dict:
+    """One result from runs made in parts. Every part must come from the same device and
+    versions (a merged table compares rows side by side); the parts' commands, dates and
+    wall times are kept in ``parts``."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    for key in ("device", "torch", "triton", "timing"):
+        seen = {r.get(key) for r in runs}
+        if len(seen) > 1:
+            raise ValueError(f"cannot merge kernel runs with different {key!r}: {sorted(map(str, seen))}")
+    rows: dict = {}
+    for r in runs:
+        for row in r["rows"]:
+            rows[(row["shape"], row["M"])] = row
+    order = {shape[0]: i for i, shape in enumerate(SHAPES)}
+    res = dict(runs[-1])
+    res["rows"] = sorted(rows.values(), key=lambda row: (order.get(row["shape"], len(order)), row["M"]))
+    res["tuned_configs"] = {k: v for r in runs for k, v in (r.get("tuned_configs") or {}).items()}
+    res["hq_sweep"] = next((r["hq_sweep"] for r in reversed(runs) if r.get("hq_sweep")), None)
+    res["parts"] = [{"file": os.path.basename(p), "command": r.get("command"), "date_utc": r.get("date_utc"),
+                     "wall_s": r.get("wall_s")} for p, r in zip(paths, runs)]
+    res["command"] = " && ".join(str(r.get("command")) for r in runs)
+    res["date_utc"] = runs[-1].get("date_utc")
+    res["wall_s"] = sum(r.get("wall_s") or 0.0 for r in runs)
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for kernels_<tag>.json and .md")
@@ -368,6 +399,9 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="*", default=None)
     p.add_argument("--ms", nargs="*", type=int, default=None)
     p.add_argument("--from-json", default=None, help="only rewrite the Markdown from this JSON")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge runs made in parts (one device call each) into kernels_<tag>.json: "
+                        "a (shape, M) row of a later file replaces the same row of an earlier one")
     p.add_argument("--smoke", action="store_true", help="tiny shape on CPU (TRITON_INTERPRET=1)")
     p.add_argument("--hq-sweep", action="store_true", help="also sweep hadamard_quant launch settings")
     args = p.parse_args(argv)
@@ -375,13 +409,15 @@ def main(argv=None) -> int:
     if args.from_json:
         with open(args.from_json) as f:
             res = json.load(f)
+    elif args.merge:
+        res = merge_runs(args.merge)
+        provenance.write_json(os.path.join(args.out, f"kernels_{args.tag}.json"), res)
     else:
         if not torch.cuda.is_available() and not args.smoke:
             print("benchmarks/kernels.py needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)", file=sys.stderr)
             return 2
         def dump(r):
-            with open(os.path.join(args.out, f"kernels_{args.tag}.json"), "w") as f:
-                json.dump(r, f, indent=1)
+            provenance.write_json(os.path.join(args.out, f"kernels_{args.tag}.json"), r)
         res = run(args, dump)
         dump(res)
     with open(os.path.join(args.out, f"kernels_{args.tag}.md"), "w") as f:

@@ -22,7 +22,8 @@ RESULTS = os.path.join(HERE, "results")
 ACC_METHODS = ("none_rtn", "hadamard_rtn", "learned_rtn", "hadamard_gptq", "learned_gptq")
 SPEEDUP_M = (1, 16, 2048, 8192)
 SERVING_KEYS = {"bf16": "bf16", "bf16+fp8": "fp8", "bf16+fp8+fp8kv": "fp8_kv8", "bf16+int4kv": "bf16_int4kv",
-                "spinquant_w4a4kv16": "spinquant_w4a4kv16", "spinquant_w4a4kv4": "spinquant_w4a4kv4"}
+                "spinquant_w4a4kv16": "spinquant_w4a4kv16", "spinquant_w4a4kv4": "spinquant_w4a4kv4",
+                "spinquant_w4a4kv4+denseprefill": "spinquant_w4a4kv4_denseprefill"}
 
 
 def _load(path):

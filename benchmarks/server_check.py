@@ -94,11 +94,17 @@ def run_checks(base_url: str) -> dict:
                 "token_logprobs": lp.token_logprobs if lp else None}
 
     def chat():
-        r = client.chat.completions.create(model=model, max_tokens=24, temperature=0,
+        # logprobs record the generated tokens: with dummy weights (session 2-3 checks) the
+        # content came back empty after 24 tokens, and only the tokens can say whether the
+        # model generated special tokens (dropped from text) or the server lost the text
+        r = client.chat.completions.create(model=model, max_tokens=24, temperature=0, logprobs=True,
                                            messages=[{"role": "user", "content": "Name one planet."}])
         msg = r.choices[0].message
+        lp = r.choices[0].logprobs
         return {"ok": msg.role == "assistant" and bool(msg.content), "content": msg.content,
-                "finish_reason": r.choices[0].finish_reason}
+                "finish_reason": r.choices[0].finish_reason,
+                "usage": r.usage.model_dump() if r.usage else None,
+                "tokens": [c.token for c in lp.content] if lp is not None and lp.content else None}
 
     def chat_stream():
         parts = [ch.choices[0].delta.content or "" for ch in client.chat.completions.create(

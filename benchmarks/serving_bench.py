@@ -9,7 +9,8 @@ vLLM's start-up log. Writes ``serving_raw.json`` (all runs) and
 Run names: ``KIND:CONFIG`` with KIND in {tp, lat1, lat16} and CONFIG a folder
 under ``--models`` (``bf16``, ``spinquant_w4a4kv16``, ...) optionally followed by
 ``+fp8`` (``--quantization fp8``), ``+fp8kv`` (``--kv-cache-dtype fp8``),
-``+int4kv`` (``--kv-cache-dtype int4_per_token_head``) or ``+eager``.
+``+int4kv`` (``--kv-cache-dtype int4_per_token_head``), ``+eager``, or ``+denseprefill``
+(environment ``SPINQUANT_KV4_PREFILL=dense``: KV4 prefill by dequantize + flash).
 
 Example (H100, vLLM bundle in /tmp/site):
     python3 benchmarks/serving_bench.py --out $OUT --models .gpu-carry/llama8b \
@@ -35,6 +36,11 @@ FLAGS = {
     "fp8kv": ["--kv-cache-dtype", "fp8"],
     "int4kv": ["--kv-cache-dtype", "int4_per_token_head", "--attention-backend", "TRITON_ATTN"],
     "eager": ["--enforce-eager"],
+}
+# flags that set an environment variable of the run instead of a command-line flag
+ENV_FLAGS = {
+    # SpinQuant KV4 prefill through dequantize + varlen flash (spinquant_vllm/attention.py)
+    "denseprefill": {"SPINQUANT_KV4_PREFILL": "dense"},
 }
 KINDS = {
     "tp": ["throughput", "--dataset-name", "random", "--input-len", "1024", "--output-len", "256",
@@ -62,8 +68,8 @@ def parse_run(name: str):
         raise ValueError(f"run kind must be one of {sorted(KINDS)}, got {kind!r}")
     cfg, *flags = rest.split("+")
     for f in flags:
-        if f not in FLAGS:
-            raise ValueError(f"run flag must be one of {sorted(FLAGS)}, got {f!r}")
+        if f not in FLAGS and f not in ENV_FLAGS:
+            raise ValueError(f"run flag must be one of {sorted({**FLAGS, **ENV_FLAGS})}, got {f!r}")
     return kind, cfg, flags
 
 
@@ -100,17 +106,19 @@ def main(argv=None):
         cmd = (args.vllm.split() + ["bench"] + KINDS[kind]
                + ["--model", os.path.join(models, cfg), "--tokenizer", tokenizer,
                   "--load-format", "dummy", "--output-json", out_json]
-               + [x for f in flags for x in FLAGS[f]] + shlex.split(args.extra))
+               + [x for f in flags for x in FLAGS.get(f, [])] + shlex.split(args.extra))
+        env_set = {k: v for f in flags for k, v in ENV_FLAGS.get(f, {}).items()}
         t = time.time()
         # cwd outside the repo: the folder triton_kernels/ must not shadow vLLM's module.
         try:
             proc = subprocess.run(cmd, cwd=tempfile.gettempdir(), capture_output=True, text=True,
-                                  timeout=args.run_timeout_s)
+                                  timeout=args.run_timeout_s, env={**os.environ, **env_set})
             rc, text = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
             rc = "timeout"
             text = "".join(x.decode() if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
-        rec = {"kind": kind, "config": cfg, "flags": flags, "cmd": " ".join(cmd), "rc": rc,
+        rec = {"kind": kind, "config": cfg, "flags": flags, "env": env_set,
+               "cmd": " ".join([f"{k}={v}" for k, v in env_set.items()] + cmd), "rc": rc,
                "wall_s": time.time() - t}
         for key, pat in PATTERNS.items():
             m = re.findall(pat, text)

@@ -20,10 +20,17 @@
 #   accwait   -                              poll them (up to 560 s) and collect what they wrote
 #   tp8b lat8b tpkv8b  .gpu-carry/llama8b    vllm bench throughput / latency side by side, every config
 #                                            with the same short CUDA-graph size list (bench8b)
+#   bench     .gpu-carry/llama8b             any run list: RUNS="tp:bf16+fp8 lat1:bf16 ..." DEADLINE=300
+#   kern      -                              benchmarks/kernels.py on a quiet GPU (no vLLM needed)
+# Several steps may share one call: `session.sh vllm1 kern`.
 # Session 2 ran: machine 1 vllm1 vllm2 gguf1 acc1 acc2 serve serve; machine 2 vllm1 vllm2 gguf1
 # ckserve; machine 3 vllm1 vllm2 server8b. Session 3: machine 1 vllm1, GPU_TESTS=0 vllm2, tp8b x2,
 # lat8b, lat16 + tp:bf16+int4kv by hand; machine 2 vllm1 vllm2 gguf1 accbg (then two processes) and
-# two restarts by hand (docs/RESULTS.md). Timed steps want GPU_TESTS=0.
+# two restarts by hand (docs/RESULTS.md). Session 4: machine 1 vllm1, vllm2, gguf1, accbg, accwait,
+# kernels.py in two parts + kv by hand (`kern` and its --merge came from that); machine 2 vllm1,
+# `GPU_TESTS=0 vllm2` + bench in one call, bench x3, the server overhead sweep by hand.
+# Timed steps want GPU_TESTS=0. Never `pgrep -f "pytest tests"` from a call: it matches the
+# call's own command line.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: session.sh STEP [STEP...]" >&2; exit 2; }
 OUT=${OUT:?OUT must be set}
@@ -225,10 +232,16 @@ kv)
   python3 benchmarks/kv_attention.py --out /tmp/res/kv 2>&1 | tail -30
   collect ;;
 kern)
-  # kernel timings on a quiet GPU (no vLLM needed): the default tuning, then the decode
+  # kernel timings on a quiet GPU (no vLLM needed), in two parts merged into kernels_h100.json
+  # (one part with every shape ran out of its 215 s budget in session 4), then the decode
   # buckets with split-K back in the autotuner's candidates (SPINQUANT_TUNE_SPLIT_K=1)
   setup
-  timeout 260 python3 benchmarks/kernels.py --out /tmp/res --budget-s 215 --hq-sweep 2>&1 | tail -4
+  timeout 230 python3 benchmarks/kernels.py --out /tmp/res --tag h100_a --shapes qkv o --budget-s 200 \
+     --hq-sweep 2>&1 | tail -2
+  timeout 230 python3 benchmarks/kernels.py --out /tmp/res --tag h100_b --shapes gate_up down \
+     --budget-s 200 2>&1 | tail -2
+  python3 benchmarks/kernels.py --out /tmp/res --merge /tmp/res/kernels_h100_a.json /tmp/res/kernels_h100_b.json \
+     | sed -n '/## Targets/,/## Ceilings/p'
   SPINQUANT_TUNE_SPLIT_K=1 timeout 150 python3 benchmarks/kernels.py --out /tmp/res --tag h100_splitk \
      --ms 1 16 64 --budget-s 110 2>&1 | tail -4
   collect ;;

@@ -8,10 +8,11 @@ import pytest
 from spinquant_testutils import load_script
 
 FAKE_VLLM = r'''
-import json, sys
+import json, os, sys
 argv = sys.argv[1:]
 with open(argv[argv.index("--output-json") + 1], "w") as f:
-    json.dump({"avg_latency": 0.25, "argv": argv}, f)
+    json.dump({"avg_latency": 0.25, "argv": argv,
+               "prefill_env": os.environ.get("SPINQUANT_KV4_PREFILL")}, f)
 print("Model loading took 5.22 GiB and 1.0 s")
 print("GPU KV cache size: 1,234 tokens")
 sys.exit(3 if "--fail" in argv else 0)
@@ -43,6 +44,15 @@ def test_extra_flags_reach_every_run_and_logs_are_parsed(bench):
         assert rec["rc"] == 0 and argv[argv.index("--compilation-config") + 1] == '{"a": [1, 2]}'
         assert rec["weight_memory_gib"] == 5.22 and rec["kv_cache_tokens"] == 1234
     assert "--quantization" in doc["runs"]["lat16:bf16+fp8"]["result"]["argv"]
+
+
+def test_env_flags_set_the_run_environment_only(bench):
+    doc = bench("--runs", "lat1:bf16+denseprefill", "lat1:bf16")
+    dense, plain = doc["runs"]["lat1:bf16+denseprefill"], doc["runs"]["lat1:bf16"]
+    assert dense["result"]["prefill_env"] == "dense" and dense["env"] == {"SPINQUANT_KV4_PREFILL": "dense"}
+    assert dense["cmd"].startswith("SPINQUANT_KV4_PREFILL=dense ")
+    assert "denseprefill" not in " ".join(dense["result"]["argv"])
+    assert plain["result"]["prefill_env"] is None and plain["env"] == {}
 
 
 def test_skip_done_reruns_only_failed_runs(bench):

@@ -248,3 +248,19 @@ def test_draining_refuses_new_generation_with_503(live_factory):
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "draining"
     assert httpx.get(srv.url + "/health").status_code == 503
     assert httpx.get(srv.url + "/v1/models").status_code == 200  # reads still answer
+
+
+def test_server_check_script_passes_against_the_cpu_engine(live):
+    """benchmarks/server_check.py's checks (the H100 evidence script) over the CPU engine:
+    every check passes but the one that needs a SpinQuant checkpoint, and chat records the
+    generated tokens."""
+    from spinquant_testutils import load_script
+
+    res = load_script("server_check").run_checks(live.url)
+    failed = {k: v for k, v in res["checks"].items() if not v.get("ok")}
+    # the tiny checkpoint is unquantized: /v1/spinquant/config answers without "spinquant"
+    assert set(failed) == {"endpoints"}, failed
+    ep = res["checks"]["endpoints"]
+    assert ep["health"] == 200 and ep["metrics_lines"] > 0 and ep["config"]["quantization_config"] is None
+    chat = res["checks"]["chat"]
+    assert chat["content"] and len(chat["tokens"]) == chat["usage"]["completion_tokens"] == 24
