@@ -106,6 +106,7 @@ def run(args, dump=None) -> dict:
     from spinquant_kernels import format as fmt
     from spinquant_kernels import w4a4_gemm as gemm_mod
     from spinquant_kernels.hadamard_quant import hadamard_quant
+    from spinquant_kernels.hadamard_quant import quotient_mode as hqm_mode
     from spinquant_kernels.linear import PackedW4, prepare_w4
     from spinquant_kernels.w4a4_gemm import w4a4_gemm, w4a4_matmul_exact, w4a4_quant_gemm, w4a16_gemm
 
@@ -119,6 +120,8 @@ def run(args, dump=None) -> dict:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "timing": ("median over replays of one CUDA graph of >= 8 calls (no host launch overhead), "
                    "operands cycled through copies that exceed 2x L2; microseconds per call"),
+        # the kernel settings read from the environment at launch
+        "settings": {"hq_quotient": hqm_mode(), "tune_split_k": gemm_mod.TUNE_SPLIT_K},
         "rows": [],
     }
     t_start = time.time()
@@ -276,7 +279,8 @@ def markdown(res: dict) -> str:
     tags = [t for t in LAYER_TAGS if rows and f"w4a4_layer_{t}_us" in rows[0]]
     out = [f"# Kernel benchmark: {res['device']}", "",
            f"torch {res['torch']}, triton {res['triton']}, {res['date_utc']}; "
-           f"command `{res['command']}`. Timing: {res['timing']}.", "",
+           f"command `{res['command']}`. Timing: {res['timing']}."
+           + (f" Kernel settings: {res['settings']}." if res.get("settings") else ""), "",
            "Layer = everything from bf16 x to bf16 y. W4A4 layer = hadamard_quant + w4a4_gemm: `int8` packed "
            "int4 activations on int8 MMA, `fp8` the same on fp8 MMA, `unpacked` int4 codes written one per byte "
            "by hadamard_quant and read by the int8-MMA kernel (weights always packed int4), `fused` (decode, "
@@ -369,7 +373,7 @@ def merge_runs(paths: list[str]) -> dict:
     for path in paths:
         with open(path) as f:
             runs.append(json.load(f))
-    for key in ("device", "torch", "triton", "timing"):
+    for key in ("device", "torch", "triton", "timing", "settings"):
         seen = {r.get(key) for r in runs}
         if len(seen) > 1:
             raise ValueError(f"cannot merge kernel runs with different {key!r}: {sorted(map(str, seen))}")

@@ -140,6 +140,24 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# How the GPU kernel forms v / scale for the codes (both are meant to give the IEEE quotient,
+# bit for bit): "div" (default) an IEEE division per element (`div.rn`, measured on the H100);
+# "fma" one IEEE reciprocal per row, then per element q = v * inv corrected by one FMA residual
+# step (Markstein: with inv correctly rounded and q within an ulp, q + (v - q * scale) * inv
+# rounds to the IEEE quotient), three instructions instead of the division's subroutine.
+# Not yet checked on the H100: tests/kernels/test_hadamard_quant.py has the GPU test.
+QUOTIENT_ENV = "SPINQUANT_HQ_QUOTIENT"
+QUOTIENT_MODES = ("div", "fma")
+
+
+def quotient_mode() -> str:
+    """The quotient of the GPU kernel (``$SPINQUANT_HQ_QUOTIENT``, read at each launch)."""
+    mode = os.environ.get(QUOTIENT_ENV, "div")
+    if mode not in QUOTIENT_MODES:
+        raise ValueError(f"{QUOTIENT_ENV} must be one of {list(QUOTIENT_MODES)}, got {mode!r}")
+    return mode
+
+
 def _matrices(K: int, had_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # float32 under the interpreter (it has no bfloat16 arithmetic), bf16 on the GPU
     dtype = torch.float32 if _interpreting() else torch.bfloat16
@@ -191,6 +209,16 @@ def _quotient(v, scale):
 
 
 @triton.jit
+def _quotient_fma(v, scale, inv):
+    """v / scale from inv = div_rn(1, scale): ``q = v * inv``, ``r = v - q * scale`` (exact in
+    one FMA), ``q + r * inv``, all in one asm block so no step is fused or reordered."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .f32 q, nq, r; mul.rn.f32 q, $1, $3; neg.f32 nq, q; "
+        "fma.rn.f32 r, nq, $2, $1; fma.rn.f32 $0, r, $3, q; }",
+        "=r,r,r,r", [v, scale, inv], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _hadamard_quant_kernel(
     # pointers
     x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, bt_ptr,
@@ -201,7 +229,7 @@ def _hadamard_quant_kernel(
     # meta-parameters
     C: tl.constexpr, C_PAD: tl.constexpr, P: tl.constexpr,
     HAD: tl.constexpr, OUTER: tl.constexpr, X_KIND: tl.constexpr, BITS: tl.constexpr,
-    DOT_F32: tl.constexpr, PACK: tl.constexpr, USE_ASM: tl.constexpr,
+    DOT_F32: tl.constexpr, PACK: tl.constexpr, USE_ASM: tl.constexpr, QUOT_FMA: tl.constexpr,
 ):
     # X_KIND: 0 bf16, 1 fp16, 2 fp32.  BITS: 4 or 8 (quantize), 16 (Hadamard only).
     pid = tl.program_id(0)
@@ -250,8 +278,13 @@ def _hadamard_quant_kernel(
             hi = tl.maximum(tl.max(tl.max(v, axis=1), axis=0), 0.0) * clip
             scale = tl.maximum(tl.div_rn(hi - lo, LEVELS * 1.0), 1e-8)
             zero = tl.minimum(tl.maximum(_rint(QMIN - tl.div_rn(lo, scale)), QMIN), QMAX)
-            # IEEE division per element, as format.quantize_asym (see _quotient)
-            t = _quotient(v, tl.broadcast_to(scale, v.shape))
+            if QUOT_FMA and USE_ASM:
+                # the IEEE quotient from one division per row (see QUOTIENT_MODES)
+                inv = tl.div_rn(1.0, scale)
+                t = _quotient_fma(v, tl.broadcast_to(scale, v.shape), tl.broadcast_to(inv, v.shape))
+            else:
+                # IEEE division per element, as format.quantize_asym (see _quotient)
+                t = _quotient(v, tl.broadcast_to(scale, v.shape))
             q = tl.minimum(tl.maximum(_rint(t) + zero, QMIN), QMAX).to(tl.int32)
             tl.store(s_ptr + row, scale)
             tl.store(z_ptr + row, zero)
@@ -309,7 +342,7 @@ def _launch(x: torch.Tensor, had_size: int, bits: int, clip: float, out: torch.T
         x.stride(0), out.stride(0),
         C=C, C_PAD=c_pad, P=P, HAD=bool(had_size), OUTER=outer, X_KIND=x_kind, BITS=bits,
         DOT_F32=_interpreting(), PACK=pack, USE_ASM=not _interpreting(),
-        num_warps=num_warps,
+        QUOT_FMA=quotient_mode() == "fma", num_warps=num_warps,
     )
 
 

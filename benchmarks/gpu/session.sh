@@ -21,7 +21,8 @@
 #   tp8b lat8b tpkv8b  .gpu-carry/llama8b    vllm bench throughput / latency side by side, every config
 #                                            with the same short CUDA-graph size list (bench8b)
 #   bench     .gpu-carry/llama8b             any run list: RUNS="tp:bf16+fp8 lat1:bf16 ..." DEADLINE=300
-#   kern      -                              benchmarks/kernels.py on a quiet GPU (no vLLM needed)
+#   kern      -                              benchmarks/kernels.py on a quiet GPU (no vLLM needed), plus
+#                                            split-K tuning and the fma hadamard_quant quotient variants
 # Several steps may share one call: `session.sh vllm1 kern`.
 # Session 2 ran: machine 1 vllm1 vllm2 gguf1 acc1 acc2 serve serve; machine 2 vllm1 vllm2 gguf1
 # ckserve; machine 3 vllm1 vllm2 server8b. Session 3: machine 1 vllm1, GPU_TESTS=0 vllm2, tp8b x2,
@@ -244,6 +245,10 @@ kern)
      | sed -n '/## Targets/,/## Ceilings/p'
   SPINQUANT_TUNE_SPLIT_K=1 timeout 150 python3 benchmarks/kernels.py --out /tmp/res --tag h100_splitk \
      --ms 1 16 64 --budget-s 110 2>&1 | tail -4
+  # hadamard_quant with the reciprocal + FMA quotient (bit-exactness: the GPU tests; here its
+  # time and the benchmark's own `exact` column)
+  SPINQUANT_HQ_QUOTIENT=fma timeout 150 python3 benchmarks/kernels.py --out /tmp/res --tag h100_hqfma \
+     --shapes qkv down --ms 16 2048 8192 --budget-s 110 2>&1 | tail -4
   collect ;;
 bench)
   # any list of serving_bench runs: RUNS="tp:bf16+fp8 lat1:bf16 ..." DEADLINE=300 session.sh bench
