@@ -144,8 +144,9 @@ def _interpreting() -> bool:
 # bit for bit): "div" (default) an IEEE division per element (`div.rn`, measured on the H100);
 # "fma" one IEEE reciprocal per row, then per element q = v * inv corrected by one FMA residual
 # step (Markstein: with inv correctly rounded and q within an ulp, q + (v - q * scale) * inv
-# rounds to the IEEE quotient), three instructions instead of the division's subroutine.
-# Not yet checked on the H100: tests/kernels/test_hadamard_quant.py has the GPU test.
+# rounds to the IEEE quotient; v * inv can miss by a little more than an ulp in rare cases),
+# three instructions instead of the division's subroutine. Not yet checked on the H100:
+# tests/kernels/test_hadamard_quant.py has the GPU test that compares it with "div".
 QUOTIENT_ENV = "SPINQUANT_HQ_QUOTIENT"
 QUOTIENT_MODES = ("div", "fma")
 
