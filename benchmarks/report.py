@@ -22,8 +22,22 @@ RESULTS = os.path.join(HERE, "results")
 ACC_METHODS = ("none_rtn", "hadamard_rtn", "learned_rtn", "hadamard_gptq", "learned_gptq")
 SPEEDUP_M = (1, 16, 2048, 8192)
 SERVING_KEYS = {"bf16": "bf16", "bf16+fp8": "fp8", "bf16+fp8+fp8kv": "fp8_kv8", "bf16+int4kv": "bf16_int4kv",
-                "spinquant_w4a4kv16": "spinquant_w4a4kv16", "spinquant_w4a4kv4": "spinquant_w4a4kv4",
-                "spinquant_w4a4kv4+denseprefill": "spinquant_w4a4kv4_denseprefill"}
+                "spinquant_w4a4kv16": "spinquant_w4a4kv16", "spinquant_w4a4kv4": "spinquant_w4a4kv4"}
+
+
+def serving_key(cfg: str) -> str | None:
+    """The summary key of a serving_bench config: the longest known prefix of its ``+`` flags
+    (``bf16+fp8`` -> ``fp8``) with the remaining flags appended (``spinquant_w4a4kv4+denseprefill``
+    -> ``spinquant_w4a4kv4_denseprefill``); None for an unknown model folder and for eager runs
+    (reported on their own)."""
+    parts = cfg.split("+")
+    if "eager" in parts:
+        return None
+    for i in range(len(parts), 0, -1):
+        known = SERVING_KEYS.get("+".join(parts[:i]))
+        if known:
+            return "_".join([known] + parts[i:])
+    return None
 
 
 def _load(path):
@@ -129,7 +143,7 @@ def _serving_file(runs):
            "weight_memory_gib": {}, "tpkv_output_tok_s": {}, "failed": []}
     for name, rec in runs.items():
         kind, cfg = name.split(":", 1)
-        key = SERVING_KEYS.get(cfg)
+        key = serving_key(cfg)
         res = rec.get("result") or {}
         if rec.get("rc") != 0:
             out["failed"].append(name)

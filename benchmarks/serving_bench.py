@@ -9,8 +9,9 @@ vLLM's start-up log. Writes ``serving_raw.json`` (all runs) and
 Run names: ``KIND:CONFIG`` with KIND in {tp, lat1, lat16} and CONFIG a folder
 under ``--models`` (``bf16``, ``spinquant_w4a4kv16``, ...) optionally followed by
 ``+fp8`` (``--quantization fp8``), ``+fp8kv`` (``--kv-cache-dtype fp8``),
-``+int4kv`` (``--kv-cache-dtype int4_per_token_head``), ``+eager``, or ``+denseprefill``
-(environment ``SPINQUANT_KV4_PREFILL=dense``: KV4 prefill by dequantize + flash).
+``+int4kv`` (``--kv-cache-dtype int4_per_token_head``), ``+eager``, or one of the
+kernel switches set in the run's environment: ``+denseprefill`` (``SPINQUANT_KV4_PREFILL=dense``),
+``+splitk`` (``SPINQUANT_TUNE_SPLIT_K=1``), ``+hqfma`` (``SPINQUANT_HQ_QUOTIENT=fma``).
 
 Example (H100, vLLM bundle in /tmp/site):
     python3 benchmarks/serving_bench.py --out $OUT --models .gpu-carry/llama8b \
@@ -41,6 +42,10 @@ FLAGS = {
 ENV_FLAGS = {
     # SpinQuant KV4 prefill through dequantize + varlen flash (spinquant_vllm/attention.py)
     "denseprefill": {"SPINQUANT_KV4_PREFILL": "dense"},
+    # split-K tiles back in the W4A4 GEMM's autotuning (triton_kernels/w4a4_gemm.py)
+    "splitk": {"SPINQUANT_TUNE_SPLIT_K": "1"},
+    # hadamard_quant's reciprocal + FMA quotient (triton_kernels/hadamard_quant.py)
+    "hqfma": {"SPINQUANT_HQ_QUOTIENT": "fma"},
 }
 KINDS = {
     "tp": ["throughput", "--dataset-name", "random", "--input-len", "1024", "--output-len", "256",
