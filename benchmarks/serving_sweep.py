@@ -91,6 +91,8 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=32000, help="prompt token ids are drawn below this")
     ap.add_argument("--start-timeout-s", type=float, default=300)
     ap.add_argument("--deadline-s", type=float, default=540, help="start no new point after this many seconds")
+    ap.add_argument("--start-margin-s", type=float, default=0,
+                    help="start no new configuration (server) after deadline minus this many seconds")
     ap.add_argument("--resume", default=None, help="raw JSON of an earlier invocation to extend")
     args = ap.parse_args(argv)
     configs = []
@@ -110,7 +112,10 @@ def main(argv=None):
     for name, cmd in configs:
         todo = [(p, o, c) for (p, o) in args.shapes for c in args.concurrency
                 if f"{name}/{p}x{o}/c{c}" not in doc["points"]]
-        if not todo or time.time() - t_start > args.deadline_s:
+        if not todo:
+            continue
+        if time.time() - t_start > args.deadline_s - args.start_margin_s:
+            print(f"[sweep] too little time left to start {name} ({len(todo)} points left)", flush=True)
             continue
         port = _free_port()
         # plain replacement, not str.format: commands may hold JSON (--compilation-config {...})

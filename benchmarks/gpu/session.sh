@@ -22,7 +22,9 @@
 #                                            with the same short CUDA-graph size list (bench8b)
 #   bench     .gpu-carry/llama8b             any run list: RUNS="tp:bf16+fp8 lat1:bf16 ..." DEADLINE=300
 #   kern      -                              benchmarks/kernels.py on a quiet GPU (no vLLM needed), plus
-#                                            split-K tuning and the fma hadamard_quant quotient variants
+#                                            the other hadamard_quant quotient and split-K tuning variants
+#   sweep     .gpu-carry/llama8b             serving_sweep.py over the six issue-7 configurations, resumed
+#                                            across calls (SWEEP_CONFIGS, DEADLINE)
 # Several steps may share one call: `session.sh vllm1 kern`.
 # Session 2 ran: machine 1 vllm1 vllm2 gguf1 acc1 acc2 serve serve; machine 2 vllm1 vllm2 gguf1
 # ckserve; machine 3 vllm1 vllm2 server8b. Session 3: machine 1 vllm1, GPU_TESTS=0 vllm2, tp8b x2,
@@ -198,7 +200,8 @@ server)
   CK=/tmp/ckpt/w4a4kv4
   timeout 100 python3 benchmarks/server_check.py --ckpt $CK --out /tmp/res --tag smollm2_w4a4kv4_vllm \
      -- --engine vllm --gpu-memory-utilization 0.4 --enforce-eager 2>&1 | tail -12
-  overhead_sweep sweep_smollm2 $CK 49000 512 "--gpu-memory-utilization 0.4"
+  # the overhead target is measured on 8B shapes (server8b); SERVER_SWEEP=1 adds it on SmolLM2
+  [ "${SERVER_SWEEP:-0}" = 1 ] && overhead_sweep sweep_smollm2 $CK 49000 512 "--gpu-memory-utilization 0.4"
   collect ;;
 server8b)
   # the server over vLLM on the Llama-3-8B-shaped SpinQuant W4A4KV16 checkpoint (dummy weights)
@@ -234,22 +237,40 @@ kv)
   collect ;;
 kern)
   # kernel timings on a quiet GPU (no vLLM needed), in two parts merged into kernels_h100.json
-  # (one part with every shape ran out of its 215 s budget in session 4), then the decode
-  # buckets with split-K back in the autotuner's candidates (SPINQUANT_TUNE_SPLIT_K=1)
+  # (one part with every shape ran out of its 215 s budget in session 4), with hadamard_quant's
+  # quotient HQ (default fma); then the other quotient on the hadamard_quant shapes in the same
+  # call, then the decode buckets with split-K back in the autotuner's candidates. Each part is
+  # collected as it ends, so a call that runs out of time still returns what finished.
   setup
-  timeout 230 python3 benchmarks/kernels.py --out /tmp/res --tag h100_a --shapes qkv o --budget-s 200 \
-     --hq-sweep 2>&1 | tail -2
-  timeout 230 python3 benchmarks/kernels.py --out /tmp/res --tag h100_b --shapes gate_up down \
-     --budget-s 200 2>&1 | tail -2
+  Q=${HQ:-fma}; [ "$Q" = fma ] && Q2=div || Q2=fma
+  SPINQUANT_HQ_QUOTIENT=$Q timeout 200 python3 benchmarks/kernels.py --out /tmp/res --tag h100_a --shapes qkv o \
+     --budget-s 175 --hq-sweep 2>&1 | tail -2; collect
+  SPINQUANT_HQ_QUOTIENT=$Q timeout 200 python3 benchmarks/kernels.py --out /tmp/res --tag h100_b --shapes gate_up down \
+     --budget-s 175 2>&1 | tail -2
   python3 benchmarks/kernels.py --out /tmp/res --merge /tmp/res/kernels_h100_a.json /tmp/res/kernels_h100_b.json \
-     | sed -n '/## Targets/,/## Ceilings/p'
-  SPINQUANT_TUNE_SPLIT_K=1 timeout 150 python3 benchmarks/kernels.py --out /tmp/res --tag h100_splitk \
-     --ms 1 16 64 --budget-s 110 2>&1 | tail -4
-  # hadamard_quant with the reciprocal + FMA quotient (bit-exactness: the GPU tests; here its
-  # time and the benchmark's own `exact` column)
-  SPINQUANT_HQ_QUOTIENT=fma timeout 150 python3 benchmarks/kernels.py --out /tmp/res --tag h100_hqfma \
-     --shapes qkv down --ms 16 2048 8192 --budget-s 110 2>&1 | tail -4
+     | sed -n '/## Targets/,/## Ceilings/p'; collect
+  SPINQUANT_HQ_QUOTIENT=$Q2 timeout 90 python3 benchmarks/kernels.py --out /tmp/res --tag h100_hq$Q2 \
+     --shapes qkv down --ms 16 2048 8192 --budget-s 70 2>&1 | tail -4; collect
+  SPINQUANT_HQ_QUOTIENT=$Q SPINQUANT_TUNE_SPLIT_K=1 timeout 85 python3 benchmarks/kernels.py --out /tmp/res \
+     --tag h100_splitk --ms 1 16 --budget-s 60 2>&1 | tail -4
   collect ;;
+sweep)
+  # issue 7: six configurations x shapes x concurrency through `vllm serve` (dummy Llama-3-8B
+  # weights), resumed across calls from /tmp/sweep; SWEEP_CONFIGS picks and orders them
+  setup; for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 $p; done
+  M=$(pwd)/.gpu-carry/llama8b; V="$(command -v python3) -m vllm.entrypoints.cli.main serve"
+  D="--tokenizer $M/tokenizer --load-format dummy --port {port} --compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,24,32,48,64,96,128,192,256]}'"
+  declare -A C=([bf16]="$V $M/bf16 $D" [fp8]="$V $M/bf16 --quantization fp8 $D"
+      [fp8_fp8kv]="$V $M/bf16 --quantization fp8 --kv-cache-dtype fp8 $D"
+      [bf16_int4kv]="$V $M/bf16 --kv-cache-dtype int4_per_token_head --attention-backend TRITON_ATTN $D"
+      [spinquant_w4a4kv16]="$V $M/spinquant_w4a4kv16 $D" [spinquant_w4a4kv4]="$V $M/spinquant_w4a4kv4 $D")
+  args=(); for c in ${SWEEP_CONFIGS:-spinquant_w4a4kv16 bf16 fp8 spinquant_w4a4kv4 bf16_int4kv fp8_fp8kv}; do
+    args+=(--config "$c=${C[$c]:?unknown sweep config $c}"); done
+  R=(); [ -f /tmp/sweep/serving_sweep_raw.json ] && R=(--resume /tmp/sweep/serving_sweep_raw.json)
+  timeout 585 python3 benchmarks/serving_sweep.py --out /tmp/sweep "${R[@]}" --min-requests 4 --vocab 120000 \
+     --deadline-s "${DEADLINE:-470}" --start-margin-s 100 "${args[@]}" 2>&1 | tail -30
+  for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 $p; done
+  mkdir -p /tmp/res/sweep && cp /tmp/sweep/* /tmp/res/sweep/; collect ;;
 bench)
   # any list of serving_bench runs: RUNS="tp:bf16+fp8 lat1:bf16 ..." DEADLINE=300 session.sh bench
   setup; for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 $p; done

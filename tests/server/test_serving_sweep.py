@@ -36,3 +36,18 @@ def test_bad_config_and_shape_are_refused(tmp_path):
         sweep.main(["--out", str(tmp_path), "--config", "x=spinquant serve ckpt"])
     with pytest.raises(SystemExit):
         sweep.main(["--out", str(tmp_path), "--config", "x=a {port}", "--shapes", "12"])
+
+
+def test_start_margin_starts_no_server_it_cannot_use(tmp_path, capsys):
+    # A command that would fail at once if it were started: with the whole deadline inside the
+    # margin the sweep must not start it, and records the configuration as not run.
+    sweep = _load_sweep()
+    sweep.main(["--out", str(tmp_path), "--config", "x=false {port}", "--deadline-s", "100",
+                "--start-margin-s", "100"])
+    assert "too little time left to start x (12 points left)" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "serving_sweep_raw.json").read_text())
+    assert doc["points"] == {} and "failures" not in doc
+    # without the margin the same command is started, and its failure is recorded
+    sweep.main(["--out", str(tmp_path), "--config", "x=false {port}", "--deadline-s", "100"])
+    doc = json.loads((tmp_path / "serving_sweep_raw.json").read_text())
+    assert "exited with code 1" in doc["failures"]["x"]
