@@ -11,7 +11,7 @@ under ``--models`` (``bf16``, ``spinquant_w4a4kv16``, ...) optionally followed b
 ``+fp8`` (``--quantization fp8``), ``+fp8kv`` (``--kv-cache-dtype fp8``),
 ``+int4kv`` (``--kv-cache-dtype int4_per_token_head``), ``+eager``, or one of the
 kernel switches set in the run's environment: ``+denseprefill`` (``SPINQUANT_KV4_PREFILL=dense``),
-``+splitk`` (``SPINQUANT_TUNE_SPLIT_K=1``), ``+hqfma`` (``SPINQUANT_HQ_QUOTIENT=fma``).
+``+splitk`` (``SPINQUANT_TUNE_SPLIT_K=1``), ``+hqfma`` / ``+hqdiv`` (``SPINQUANT_HQ_QUOTIENT=fma`` / ``div``).
 
 Example (H100, vLLM bundle in /tmp/site):
     python3 benchmarks/serving_bench.py --out $OUT --models .gpu-carry/llama8b \
@@ -44,8 +44,10 @@ ENV_FLAGS = {
     "denseprefill": {"SPINQUANT_KV4_PREFILL": "dense"},
     # split-K tiles back in the W4A4 GEMM's autotuning (triton_kernels/w4a4_gemm.py)
     "splitk": {"SPINQUANT_TUNE_SPLIT_K": "1"},
-    # hadamard_quant's reciprocal + FMA quotient (triton_kernels/hadamard_quant.py)
+    # hadamard_quant's quotient (triton_kernels/hadamard_quant.py): reciprocal + FMA (the
+    # default since session 5) or an IEEE division per element (the fallback)
     "hqfma": {"SPINQUANT_HQ_QUOTIENT": "fma"},
+    "hqdiv": {"SPINQUANT_HQ_QUOTIENT": "div"},
 }
 KINDS = {
     "tp": ["throughput", "--dataset-name", "random", "--input-len", "1024", "--output-len", "256",

@@ -267,7 +267,7 @@ sweep)
   args=(); for c in ${SWEEP_CONFIGS:-spinquant_w4a4kv16 bf16 fp8 spinquant_w4a4kv4 bf16_int4kv fp8_fp8kv}; do
     args+=(--config "$c=${C[$c]:?unknown sweep config $c}"); done
   R=(); [ -f /tmp/sweep/serving_sweep_raw.json ] && R=(--resume /tmp/sweep/serving_sweep_raw.json)
-  timeout 585 python3 benchmarks/serving_sweep.py --out /tmp/sweep "${R[@]}" --min-requests 4 --vocab 120000 \
+  timeout 585 python3 benchmarks/serving_sweep.py --out /tmp/sweep "${R[@]}" --min-requests 3 --vocab 120000 \
      --deadline-s "${DEADLINE:-470}" --start-margin-s 100 "${args[@]}" 2>&1 | tail -30
   for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 $p; done
   mkdir -p /tmp/res/sweep && cp /tmp/sweep/* /tmp/res/sweep/; collect ;;

@@ -165,7 +165,7 @@ def test_quotient_mode_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="SPINQUANT_HQ_QUOTIENT must be one of .*'approx'"):
         hadamard_quant(torch.zeros(2, 64), 0, 4)
     monkeypatch.delenv(hq.QUOTIENT_ENV)
-    assert hq.quotient_mode() == "div"
+    assert hq.quotient_mode() == "fma"
 
 
 @pytest.mark.gpu
