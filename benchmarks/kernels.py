@@ -374,9 +374,10 @@ def merge_runs(paths: list[str]) -> dict:
         with open(path) as f:
             runs.append(json.load(f))
     for key in ("device", "torch", "triton", "timing", "settings"):
-        seen = {r.get(key) for r in runs}
+        # values may be dicts (settings): compare their canonical JSON
+        seen = {json.dumps(r.get(key), sort_keys=True) for r in runs}
         if len(seen) > 1:
-            raise ValueError(f"cannot merge kernel runs with different {key!r}: {sorted(map(str, seen))}")
+            raise ValueError(f"cannot merge kernel runs with different {key!r}: {sorted(seen)}")
     rows: dict = {}
     for r in runs:
         for row in r["rows"]:

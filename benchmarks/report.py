@@ -246,6 +246,41 @@ def server_section(check_files, overhead_files):
     return out
 
 
+# the issue-7 configurations, in the order the report lists them
+SWEEP_CONFIGS = ("bf16", "fp8", "fp8_fp8kv", "bf16_int4kv", "spinquant_w4a4kv16", "spinquant_w4a4kv4")
+
+
+def sweep_section(path):
+    """serving_sweep_raw.json -> per shape and concurrency, each configuration's output tok/s,
+    TTFT and TPOT (p50, p99), and the SpinQuant configurations' throughput ratios to bf16 and fp8
+    at the same point. Configurations or points not measured are listed, not filled in."""
+    d = _load(path)
+    pts = d.get("points", {})
+    out = {"source": os.path.relpath(path, RESULTS), "points": {}, "ratios": {},
+           "invocations": [{k: i.get(k) for k in ("command", "date", "device", "versions")}
+                           for i in d.get("invocations", [])], "failures": d.get("failures", {})}
+    for p in pts.values():
+        key = f"{p['prompt_tokens']}x{p['max_tokens']}/c{p['concurrency']}"
+        out["points"].setdefault(key, {})[p["config"]] = {
+            "output_tok_s": p["output_tokens_per_s"], "ttft_p50_s": p["ttft_p50_s"], "ttft_p99_s": p["ttft_p99_s"],
+            "tpot_p50_s": p["tpot_p50_s"], "tpot_p99_s": p["tpot_p99_s"], "requests": p["requests"],
+            "errors": p["errors"]}
+    order = lambda k: (k.split("/")[0], int(k.split("/c")[1]))
+    out["points"] = {k: out["points"][k] for k in sorted(out["points"], key=order)}
+    for key, cfgs in out["points"].items():
+        for c in ("spinquant_w4a4kv16", "spinquant_w4a4kv4"):
+            if c not in cfgs:
+                continue
+            r = {f"vs_{b}": round(cfgs[c]["output_tok_s"] / cfgs[b]["output_tok_s"], 3)
+                 for b in ("bf16", "fp8") if b in cfgs}
+            if r:
+                out["ratios"].setdefault(key, {})[c] = r
+    seen = {c for cfgs in out["points"].values() for c in cfgs}
+    out["configs_measured"] = [c for c in SWEEP_CONFIGS if c in seen] + sorted(seen - set(SWEEP_CONFIGS))
+    out["configs_not_measured"] = [c for c in SWEEP_CONFIGS if c not in seen]
+    return out
+
+
 # ----------------------------------------------------------------------------
 def write_report(summary, acc_table, kernel_rows, path, plots=()):
     L = ["# SpinQuant-vLLM results", "",
@@ -375,6 +410,27 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
         L += [f"Agreement floor of {d['model']} (`{os.path.relpath(af_path, os.path.dirname(path))}`, {d['device']}, "
               f"{d['prompts']} prompts x {d['new_tokens']} tokens): bf16 vs fp32 greedy position match "
               f"{d['bf16_vs_fp32_position_match']:.3f}, teacher-forced {d['teacher_forced_fp32_on_bf16']:.3f}.", ""]
+    sw = summary.get("serving_sweep")
+    if sw:
+        inv = sw["invocations"]
+        L += ["## Serving sweep: `vllm serve` per configuration, streaming client (`serving_sweep.png`)", "",
+              f"`{sw['source']}`, {len(inv)} invocations ({inv[0]['date']} to {inv[-1]['date']}, {inv[0]['device']}). "
+              "Dummy Llama-3-8B-shaped weights, closed-loop streaming `/v1/completions` with `ignore_eos`, "
+              "max(3, 2 x concurrency) requests per point. Cells: output tok/s, TPOT p50 ms, TTFT p50 s.", ""]
+        cfgs = sw["configs_measured"]
+        L += ["| point | " + " | ".join(cfgs) + " | W4A4KV16 vs bf16 / fp8 | W4A4KV4 vs bf16 / fp8 |",
+              "|---|" + "---:|" * (len(cfgs) + 2)]
+        for key, pc in sw["points"].items():
+            cell = lambda c: (f"{pc[c]['output_tok_s']:.0f} / {pc[c]['tpot_p50_s'] * 1e3:.2f} / "
+                              f"{pc[c]['ttft_p50_s']:.2f}" if c in pc else "-")
+            rat = lambda c: " / ".join(f"{v:.2f}x" for v in sw["ratios"].get(key, {}).get(c, {}).values()) or "-"
+            L.append(f"| {key} | " + " | ".join(cell(c) for c in cfgs)
+                     + f" | {rat('spinquant_w4a4kv16')} | {rat('spinquant_w4a4kv4')} |")
+        if sw["configs_not_measured"]:
+            L += ["", "Not yet measured: " + ", ".join(sw["configs_not_measured"]) + "."]
+        if sw["failures"]:
+            L += ["", "Failed: " + "; ".join(f"{k}: {v}" for k, v in sw["failures"].items())]
+        L += ["", "Invocations:"] + [f"- `{i['command']}` ({i['date']})" for i in inv] + [""]
     srv = summary.get("server")
     if srv:
         L += ["## OpenAI-compatible server over vLLM", ""]
@@ -465,20 +521,36 @@ def plot_kernels(rows, path):
 
 
 def plot_sweep(points, path):
-    """Output tok/s, TTFT p50 and TPOT p50 vs concurrency; one line per (config, shape)."""
+    """Output tok/s, TTFT p50 and TPOT p50 vs concurrency: one row of panels per shape, one
+    colour per configuration (the same in every panel)."""
     if not points:
         return None
-    fig, axes = _figure(3, "Serving sweep (streaming /v1/completions, ignore_eos)")
-    keys = sorted({(p["config"], f"{p['prompt_tokens']}x{p['max_tokens']}") for p in points.values()})
-    for cfg, shape in keys:
-        ps = sorted((p for p in points.values() if p["config"] == cfg
-                     and f"{p['prompt_tokens']}x{p['max_tokens']}" == shape), key=lambda p: p["concurrency"])
-        c = [p["concurrency"] for p in ps]
-        for ax, k in zip(axes, ("output_tokens_per_s", "ttft_p50_s", "tpot_p50_s")):
-            ax.plot(c, [p[k] for p in ps], marker="o", label=f"{cfg} {shape}")
-    for ax, lab in zip(axes, ("output tok/s", "TTFT p50 (s)", "TPOT p50 (s)")):
-        _log2_axis(ax, "concurrency", lab)
-    axes[0].legend(fontsize=7)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    shape = lambda p: f"{p['prompt_tokens']}x{p['max_tokens']}"
+    shapes = sorted({shape(p) for p in points.values()}, key=lambda s: [int(x) for x in s.split("x")])
+    present = {p["config"] for p in points.values()}
+    cfgs = [c for c in SWEEP_CONFIGS if c in present] + sorted(present - set(SWEEP_CONFIGS))
+    # colours fixed by the configuration list, so a later run that adds one keeps the others' colours
+    colour = {c: f"C{(list(SWEEP_CONFIGS) + sorted(present - set(SWEEP_CONFIGS))).index(c) % 10}" for c in cfgs}
+    fig = Figure(figsize=(15.6, 3.4 * len(shapes)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(shapes), 3, squeeze=False)
+    fig.suptitle("Serving sweep on the H100 (vLLM, dummy Llama-3-8B weights; streaming /v1/completions, ignore_eos)")
+    for row, sh in zip(axes, shapes):
+        for cfg in cfgs:
+            ps = sorted((p for p in points.values() if p["config"] == cfg and shape(p) == sh),
+                        key=lambda p: p["concurrency"])
+            if not ps:
+                continue
+            c = [p["concurrency"] for p in ps]
+            for ax, k, scale in zip(row, ("output_tokens_per_s", "ttft_p50_s", "tpot_p50_s"), (1, 1, 1e3)):
+                ax.plot(c, [p[k] * scale for p in ps], marker="o", color=colour[cfg], label=cfg)
+        for ax, lab in zip(row, ("output tok/s", "TTFT p50 (s)", "TPOT p50 (ms)")):
+            _log2_axis(ax, "concurrency", f"{sh}: {lab}")
+        row[0].set_yscale("log")
+    axes[0][0].legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -511,10 +583,12 @@ def main(argv=None):
                             sorted(glob.glob(os.path.join(args.results, "serving", "server_overhead_*_raw.json"))))
     if server:
         summary["server"] = server
-    with open(os.path.join(args.results, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
     sweep_path = os.path.join(args.results, "serving", "serving_sweep_raw.json")
     sweep = _load(sweep_path)["points"] if os.path.exists(sweep_path) else {}
+    if sweep:
+        summary["serving_sweep"] = sweep_section(sweep_path)
+    with open(os.path.join(args.results, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
     plots = [plot_accuracy(acc, os.path.join(args.results, "accuracy_ppl.png")) if acc else None,
              plot_kernels(krows, os.path.join(args.results, "kernels_speedup.png")),
              plot_sweep(sweep, os.path.join(args.results, "serving_sweep.png"))]

@@ -7,8 +7,9 @@ import pytest
 from spinquant_testutils import load_script
 
 
-def _part(tmp_path, name, rows, device="NVIDIA H100 80GB HBM3", tuned=None):
-    doc = {"device": device, "torch": "2.11.0", "triton": "3.6.0", "timing": "median", "date_utc": name,
+def _part(tmp_path, name, rows, device="NVIDIA H100 80GB HBM3", tuned=None, quotient="fma"):
+    # settings is a dict, as kernels.py writes it (session 5's merge failed on that: unhashable)
+    doc = {"settings": {"hq_quotient": quotient, "tune_split_k": False}, "device": device, "torch": "2.11.0", "triton": "3.6.0", "timing": "median", "date_utc": name,
            "command": f"kernels.py --tag {name}", "wall_s": 10.0, "rows": rows,
            "tuned_configs": tuned or {}, "hq_sweep": None}
     path = tmp_path / f"kernels_{name}.json"
@@ -38,3 +39,12 @@ def test_parts_from_different_devices_are_refused(tmp_path):
     b = _part(tmp_path, "b", [_row("o", 1, 2.0)], device="NVIDIA H200")
     with pytest.raises(ValueError, match="different 'device'"):
         mod.merge_runs([a, b])
+
+
+def test_parts_with_different_kernel_settings_are_refused(tmp_path):
+    mod = load_script("kernels")
+    a = _part(tmp_path, "a", [_row("qkv", 1, 2.0)])
+    b = _part(tmp_path, "b", [_row("o", 1, 2.0)], quotient="div")
+    with pytest.raises(ValueError, match="different 'settings'.*div.*fma"):
+        mod.merge_runs([a, b])
+    assert mod.merge_runs([a, _part(tmp_path, "c", [_row("o", 1, 2.0)])])["settings"]["hq_quotient"] == "fma"

@@ -21,3 +21,26 @@ def test_env_switch_runs_get_their_own_column():
                                                   "result": {"num_requests": 400, "elapsed_time": 8.0}}}
     out = load_script("report")._serving_file(runs)["output_tok_s"]
     assert out == {"spinquant_w4a4kv4": 10240.0, "spinquant_w4a4kv4_denseprefill": 12800.0}
+
+
+def _pt(cfg, c, tok_s, shape=(1024, 256)):
+    return {"config": cfg, "concurrency": c, "prompt_tokens": shape[0], "max_tokens": shape[1],
+            "output_tokens_per_s": tok_s, "ttft_p50_s": 0.1, "ttft_p99_s": 0.2, "tpot_p50_s": 0.004,
+            "tpot_p99_s": 0.005, "requests": 2 * c, "errors": 0}
+
+
+def test_sweep_section_ratios_and_missing_configs(tmp_path):
+    import json
+    report = load_script("report")
+    pts = [_pt("bf16", 8, 1000.0), _pt("fp8", 8, 1500.0), _pt("spinquant_w4a4kv16", 8, 1800.0),
+           _pt("spinquant_w4a4kv16", 1, 250.0), _pt("bf16", 1, 150.0), _pt("spinquant_w4a4kv4", 128, 5000.0)]
+    doc = {"points": {f"{p['config']}/1024x256/c{p['concurrency']}": p for p in pts},
+           "invocations": [{"command": "serving_sweep.py", "date": "d", "device": "H100", "versions": {}}]}
+    path = tmp_path / "serving_sweep_raw.json"
+    path.write_text(json.dumps(doc))
+    sw = report.sweep_section(str(path))
+    assert list(sw["points"]) == ["1024x256/c1", "1024x256/c8", "1024x256/c128"]  # numeric concurrency order
+    assert sw["ratios"]["1024x256/c8"]["spinquant_w4a4kv16"] == {"vs_bf16": 1.8, "vs_fp8": 1.2}
+    assert sw["ratios"]["1024x256/c1"]["spinquant_w4a4kv16"] == {"vs_bf16": round(250 / 150, 3)}
+    assert "1024x256/c128" not in sw["ratios"]  # no baseline measured at that point: no ratio made up
+    assert sw["configs_not_measured"] == ["fp8_fp8kv", "bf16_int4kv"]
