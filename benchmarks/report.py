@@ -112,12 +112,13 @@ def kernels_section(path):
     d = _load(path)
     rows = d["rows"]
     best = lambda r: min(v for k, v in r.items() if k.startswith("w4a4_layer_") and k.endswith("_us"))
-    vs_bf16, vs_fp8 = {}, {}
+    vs_bf16, vs_fp8, shapes = {}, {}, {}
     for M in SPEEDUP_M:
         rs = [r for r in rows if r["M"] == M]
         if rs:
             vs_bf16[str(M)] = round(_geomean([r["bf16_us"] / best(r) for r in rs]), 3)
             vs_fp8[str(M)] = round(_geomean([r["fp8_gemm_us"] / best(r) for r in rs]), 3)
+            shapes[str(M)] = [r["shape"] for r in rs]  # a run in parts may lack some shapes
     big = [r for r in rows if r["M"] >= 1024]
     hq_all = max(r["hq_us"] / r["copy_us"] for r in big)
     hq_plain = max(r["hq_us"] / r["copy_us"] for r in big if not r.get("had_size"))
@@ -126,7 +127,9 @@ def kernels_section(path):
         "date": d.get("date_utc"), "versions": {"torch": d.get("torch"), "triton": d.get("triton")},
         "w4a4_layer_speedup_vs_bf16": vs_bf16,
         "w4a4_layer_speedup_vs_fp8": vs_fp8,
-        "w4a4_layer_speedup_note": "geomean over the Llama-3-8B qkv/o/gate_up/down shapes; W4A4 layer = "
+        "w4a4_layer_speedup_shapes": shapes,
+        "w4a4_layer_speedup_note": "geomean over the Llama-3-8B shapes measured at each M (qkv/o/gate_up/down "
+                                   "where the run has them); W4A4 layer = "
                                    "hadamard_quant + GEMM from bf16 x to bf16 y; fp8 = torch._scaled_mm alone "
                                    "(its activation quantization not counted)",
         "hadamard_quant_vs_copy": round(hq_all, 3),
@@ -345,9 +348,10 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
     if k:
         L += ["## Kernels (" + k["device"] + ")", "",
               f"Source `{k['source']}`. {k['w4a4_layer_speedup_note']}.", "",
-              "| M | W4A4 layer vs bf16 | vs fp8 GEMM |", "|---:|---:|---:|"]
+              "| M | W4A4 layer vs bf16 | vs fp8 GEMM | shapes |", "|---:|---:|---:|---|"]
         for M in k["w4a4_layer_speedup_vs_bf16"]:
-            L.append(f"| {M} | {k['w4a4_layer_speedup_vs_bf16'][M]:.2f}x | {k['w4a4_layer_speedup_vs_fp8'][M]:.2f}x |")
+            L.append(f"| {M} | {k['w4a4_layer_speedup_vs_bf16'][M]:.2f}x | {k['w4a4_layer_speedup_vs_fp8'][M]:.2f}x | "
+                     f"{', '.join(k.get('w4a4_layer_speedup_shapes', {}).get(M, []))} |")
         L += ["", f"hadamard_quant / copy of the same bytes (worst row, M >= 1024): {k['hadamard_quant_vs_copy']:.2f} "
               f"(without a Hadamard: {k['hadamard_quant_vs_copy_without_hadamard']:.2f}). Per-shape table and "
               "ceiling arithmetic: `kernels_h100.md`, `../../docs/KERNELS.md`.", ""]

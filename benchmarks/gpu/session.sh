@@ -8,7 +8,8 @@
 #   vllm2     .gpu-bundle/s2 .gpu-carry/whl  the rest of p1 + p2; install vLLM (+ openai client deps); unless GPU_TESTS=0,
 #                                            start `pytest tests -m gpu` in the background
 #   gputests  -                              the GPU tests in the foreground
-#   gguf1     .gpu-carry/a                   first GGUF piece
+#   gguf1     .gpu-carry/a1                  first half of the first GGUF piece
+#   gguf2     .gpu-carry/a2                  its second half (joined here)
 #   acc1      .gpu-carry/b                   learned RTN/GPTQ seed 0 (zero-shot), checkpoints to /tmp/ckpt
 #   acc2      -                              seeds 1-2, perplexity only
 #   ckserve   .gpu-carry/b                   rebuild the W4A4KV4 checkpoint from saved rotations, then
@@ -43,6 +44,19 @@ mkdir -p /tmp/stage /tmp/res
 
 # setup.sh runs under set -e; switch it off again so one failed copy cannot skip collect
 setup() { source benchmarks/gpu/setup.sh > /tmp/res/setup_$step.log 2>&1 || { cat /tmp/res/setup_$step.log; exit 1; }; set +e; }
+# Kill what holds the GPU (a failed engine left behind), but not the background GPU tests or
+# the engines they started: session 5's `ckserve` killed the test run after 160 of 186 tests.
+free_gpu() {
+  local p q keep
+  for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do
+    q=$p; keep=0
+    while [ "${q:-0}" -gt 1 ]; do
+      grep -qa pytest /proc/$q/cmdline 2>/dev/null && { keep=1; break; }
+      q=$(awk '{print $4}' /proc/$q/stat 2>/dev/null || echo 0)
+    done
+    [ $keep = 1 ] || kill -9 $p
+  done
+}
 # Everything under /tmp/res travels back as one tarball (the device returns at most 8 files).
 # GPU tests: in their own session so they outlive the call (they share the GPU with the
 # next steps' work; no test is timed). Same pytest command as CI, gpu marker only.
@@ -139,8 +153,14 @@ PY
 accwait)
   setup
   wait_acc 560; collect ;;
-gguf1)
-  cp .gpu-carry/a/* /tmp/stage/ && ls -la /tmp/stage; tail -3 /tmp/res/pytest_gpu.log ;;
+gguf1|gguf2)
+  # the first GGUF piece in two halves (a1, a2): one with the working tree exceeded 64 MiB in
+  # session 5; after gguf2 the halves become gguf.part.aa again
+  cp .gpu-carry/a${step#gguf}/* /tmp/stage/
+  if [ -f /tmp/stage/gguf.part.aa.aa ] && [ -f /tmp/stage/gguf.part.aa.ab ]; then
+    cat /tmp/stage/gguf.part.aa.aa /tmp/stage/gguf.part.aa.ab > /tmp/stage/gguf.part.aa && rm /tmp/stage/gguf.part.aa.a?
+  fi
+  ls -la /tmp/stage; tail -3 /tmp/res/pytest_gpu.log ;;
 acc1)
   cp .gpu-carry/b/* /tmp/stage/
   setup
@@ -170,7 +190,7 @@ serve)
   setup
   # a GPU test that failed may leave its vLLM engine process behind, holding GPU memory
   nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader
-  for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 $p; done; sleep 3
+  free_gpu; sleep 3
   nvidia-smi --query-gpu=memory.used --format=csv,noheader
   CK=/tmp/ckpt/w4a4kv4
   timeout 330 python3 benchmarks/served_accuracy.py --ckpt $CK --out /tmp/res --tag smollm2_w4a4kv4 \
@@ -187,7 +207,7 @@ ckserve)
   # the W4A4KV4 checkpoint from the rotations learned on the first machine (learned_gptq, seed 0)
   cp .gpu-carry/b/* /tmp/stage/
   setup
-  for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 $p; done
+  free_gpu
   [ -f /tmp/ckpt/w4a4kv4/config.json ] || timeout 240 spinquant quantize --rotation learned --weights gptq --bits W4A4KV4 \
      --rotations /tmp/stage/rotations_W4A4KV4_learned_gptq.pt --device cuda --out /tmp/ckpt/w4a4kv4 --overwrite \
      2>&1 | grep -v "it/s\]" | tail -5 | tee /tmp/res/quantize_ckpt.log
@@ -196,7 +216,7 @@ ckserve)
   collect ;;
 server)
   setup
-  for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 $p; done
+  free_gpu
   CK=/tmp/ckpt/w4a4kv4
   timeout 100 python3 benchmarks/server_check.py --ckpt $CK --out /tmp/res --tag smollm2_w4a4kv4_vllm \
      -- --engine vllm --gpu-memory-utilization 0.4 --enforce-eager 2>&1 | tail -12
@@ -214,7 +234,7 @@ server8b)
   overhead_sweep sweep_llama8b $CK 120000 320 "$DUMMY"
   collect ;;
 tp8b)
-  setup; for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 $p; done
+  setup; free_gpu
   bench8b 300 tp:bf16 tp:bf16+fp8 tp:spinquant_w4a4kv16 tp:spinquant_w4a4kv4 tp:bf16+int4kv; collect ;;
 lat8b)
   setup
@@ -226,7 +246,7 @@ tpkv8b)
 gputests)
   # the GPU-marked tests in the foreground (after vllm2; needs no GGUF)
   setup
-  for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 $p; done
+  free_gpu
   repo=$(pwd)
   (cd /tmp && timeout 560 pytest "$repo/tests" -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rfE \
      > /tmp/res/pytest_gpu.log 2>&1); tail -15 /tmp/res/pytest_gpu.log
@@ -257,7 +277,7 @@ kern)
 sweep)
   # issue 7: six configurations x shapes x concurrency through `vllm serve` (dummy Llama-3-8B
   # weights), resumed across calls from /tmp/sweep; SWEEP_CONFIGS picks and orders them
-  setup; for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 $p; done
+  setup; free_gpu
   M=$(pwd)/.gpu-carry/llama8b; V="$(command -v python3) -m vllm.entrypoints.cli.main serve"
   D="--tokenizer $M/tokenizer --load-format dummy --port {port} --compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,24,32,48,64,96,128,192,256]}'"
   declare -A C=([bf16]="$V $M/bf16 $D" [fp8]="$V $M/bf16 --quantization fp8 $D"
@@ -269,11 +289,11 @@ sweep)
   R=(); [ -f /tmp/sweep/serving_sweep_raw.json ] && R=(--resume /tmp/sweep/serving_sweep_raw.json)
   timeout 585 python3 benchmarks/serving_sweep.py --out /tmp/sweep "${R[@]}" --min-requests 3 --vocab 120000 \
      --deadline-s "${DEADLINE:-470}" --start-margin-s 100 "${args[@]}" 2>&1 | tail -30
-  for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 $p; done
+  free_gpu
   mkdir -p /tmp/res/sweep && cp /tmp/sweep/* /tmp/res/sweep/; collect ;;
 bench)
   # any list of serving_bench runs: RUNS="tp:bf16+fp8 lat1:bf16 ..." DEADLINE=300 session.sh bench
-  setup; for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 $p; done
+  setup; free_gpu
   bench8b "${DEADLINE:-300}" ${RUNS:?RUNS must list serving_bench runs}; collect ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
