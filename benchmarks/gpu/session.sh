@@ -25,7 +25,8 @@
 #   kern      -                              benchmarks/kernels.py on a quiet GPU (no vLLM needed), plus
 #                                            the other hadamard_quant quotient and split-K tuning variants
 #   sweep     .gpu-carry/llama8b             serving_sweep.py over the six issue-7 configurations, resumed
-#                                            across calls (SWEEP_CONFIGS, DEADLINE)
+#                                            across calls and from the committed raw file (SWEEP_CONFIGS,
+#                                            DEADLINE; SWEEP_FRESH=1 starts over)
 # Several steps may share one call: `session.sh vllm1 kern`.
 # Session 2 ran: machine 1 vllm1 vllm2 gguf1 acc1 acc2 serve serve; machine 2 vllm1 vllm2 gguf1
 # ckserve; machine 3 vllm1 vllm2 server8b. Session 3: machine 1 vllm1, GPU_TESTS=0 vllm2, tp8b x2,
@@ -286,7 +287,11 @@ sweep)
       [spinquant_w4a4kv16]="$V $M/spinquant_w4a4kv16 $D" [spinquant_w4a4kv4]="$V $M/spinquant_w4a4kv4 $D")
   args=(); for c in ${SWEEP_CONFIGS:-spinquant_w4a4kv16 bf16 fp8 spinquant_w4a4kv4 bf16_int4kv fp8_fp8kv}; do
     args+=(--config "$c=${C[$c]:?unknown sweep config $c}"); done
-  R=(); [ -f /tmp/sweep/serving_sweep_raw.json ] && R=(--resume /tmp/sweep/serving_sweep_raw.json)
+  # resume from this machine's earlier calls, else from the committed results (points already
+  # measured are skipped; the output then holds old and new points and every invocation)
+  R=(); C=benchmarks/results/serving/serving_sweep_raw.json
+  if [ -f /tmp/sweep/serving_sweep_raw.json ]; then R=(--resume /tmp/sweep/serving_sweep_raw.json)
+  elif [ -f $C ] && [ "${SWEEP_FRESH:-0}" != 1 ]; then R=(--resume $C); fi
   timeout 585 python3 benchmarks/serving_sweep.py --out /tmp/sweep "${R[@]}" --min-requests 3 --vocab 120000 \
      --deadline-s "${DEADLINE:-470}" --start-margin-s 100 "${args[@]}" 2>&1 | tail -30
   free_gpu

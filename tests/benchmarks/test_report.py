@@ -44,3 +44,19 @@ def test_sweep_section_ratios_and_missing_configs(tmp_path):
     assert sw["ratios"]["1024x256/c1"]["spinquant_w4a4kv16"] == {"vs_bf16": round(250 / 150, 3)}
     assert "1024x256/c128" not in sw["ratios"]  # no baseline measured at that point: no ratio made up
     assert sw["configs_not_measured"] == ["fp8_fp8kv", "bf16_int4kv"]
+
+
+def test_wins_and_losses_are_computed_and_skip_what_is_missing():
+    report = load_script("report")
+    summary = {
+        "kernels": {"source": "k.json", "w4a4_layer_speedup_vs_bf16": {"1": 2.0, "2048": 0.9},
+                    "w4a4_layer_speedup_vs_fp8": {"1": 1.5, "2048": 0.6}},
+        "serving_sweep": {"points": {"1024x256/c1": {"spinquant_w4a4kv16": {"output_tok_s": 110.0},
+                                                     "fp8": {"output_tok_s": 100.0}},
+                                     "1024x256/c128": {"spinquant_w4a4kv16": {"output_tok_s": 90.0},
+                                                       "fp8": {"output_tok_s": 100.0}}}}}
+    text = "\n".join(report.wins_and_losses(summary))
+    assert "vs cuBLAS bf16 (`k.json`): faster at M = 1; slower at M = 2048" in text
+    assert "ahead at 1 of 2 points (1024x256/c1 1.10x); behind at 1024x256/c128 0.90x." in text
+    assert "vs bf16 (output tok/s)" not in text and "Accuracy" not in text  # nothing measured: no line
+    assert report.wins_and_losses({}) == []
