@@ -68,7 +68,7 @@ start_gpu_tests() {
       echo exit \$? >> /tmp/res/pytest_gpu.log; \
       SPINQUANT_TUNE_SPLIT_K=1 timeout 600 pytest tests/kernels -m gpu -q -p no:cacheprovider -rfE \
         -k 'linear_gpu or bucket16 or split' > /tmp/res/pytest_gpu_splitk.log 2>&1; \
-      echo exit \$? >> /tmp/res/pytest_gpu_splitk.log" > /dev/null 2>&1 &)
+      echo exit \$? >> /tmp/res/pytest_gpu_splitk.log" < /dev/null > /dev/null 2>&1 &)
 }
 # `spinquant serve` against `vllm serve` on one checkpoint, same flags, 1024 in / 256 out, 64 streams.
 # Args: OUT_SUBDIR CKPT VOCAB REQUESTS "EXTRA FLAGS". A short CUDA-graph size list keeps each start
@@ -90,7 +90,7 @@ launch_acc() {
   (cd /tmp && setsid nohup bash -c "cd $repo && source benchmarks/gpu/setup.sh >/dev/null 2>&1; \
       timeout 1750 python3 benchmarks/accuracy.py --out /tmp/acc_$name --device cuda $* \
       > /tmp/res/acc_$name.log 2>&1; echo exit \$? >> /tmp/res/acc_$name.log" \
-      > /dev/null 2>&1 &)
+      < /dev/null > /dev/null 2>&1 &)
 }
 # Poll until every background accuracy job has ended or $1 seconds have passed; copy what exists.
 wait_acc() {

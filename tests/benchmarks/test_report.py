@@ -60,3 +60,24 @@ def test_wins_and_losses_are_computed_and_skip_what_is_missing():
     assert "ahead at 1 of 2 points (1024x256/c1 1.10x); behind at 1024x256/c128 0.90x." in text
     assert "vs bf16 (output tok/s)" not in text and "Accuracy" not in text  # nothing measured: no line
     assert report.wins_and_losses({}) == []
+
+
+def test_report_main_writes_the_sweep_table_and_plot(tmp_path):
+    # report.py end to end on a results folder holding only a sweep: summary entry, table, PNG
+    import json
+    pytest.importorskip("matplotlib")
+    report = load_script("report")
+    (tmp_path / "serving").mkdir()
+    pts = {f"{c}/128x64/c{n}": _pt(c, n, t, shape=(128, 64))
+           for c, n, t in [("bf16", 1, 100.0), ("bf16", 8, 700.0), ("spinquant_w4a4kv16", 1, 160.0),
+                           ("spinquant_w4a4kv16", 8, 1000.0), ("spinquant_w4a4kv16", 32, 3000.0)]}
+    (tmp_path / "serving" / "serving_sweep_raw.json").write_text(json.dumps(
+        {"points": pts, "invocations": [{"command": "serving_sweep.py --x", "date": "2026-11-23", "device": "H100",
+                                         "versions": {}}]}))
+    report.main(["--results", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["serving_sweep"]["ratios"]["128x64/c8"]["spinquant_w4a4kv16"] == {"vs_bf16": round(1000 / 700, 3)}
+    md = (tmp_path / "REPORT.md").read_text()
+    assert "| 128x64/c32 | - | 3000 / 4.00 / 0.10 | - | - |" in md  # bf16 not measured there: a dash
+    assert "ahead at 2 of 2 points" in md
+    assert (tmp_path / "serving_sweep.png").stat().st_size > 10_000
