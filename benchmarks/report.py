@@ -637,14 +637,18 @@ def main(argv=None):
     served = served_section(sorted(glob.glob(os.path.join(args.results, "serving", "*", "served_accuracy_*.json"))))
     if served:
         summary["served_accuracy"] = served
-        ppl = {}
-        for rec in served.values():
+        ppl, src = {}, None
+        for rec in served.values():  # files in sorted order: a later session's run of a checkpoint wins
             ck = rec["checkpoint"].replace(" ", "_")
             for v, r in rec["vllm"].items():
                 if "ppl" in r:
                     ppl[f"{ck}/{v}"] = round(r["ppl"], 4)
+                    src = rec["source"]
+                    if v == "spinquant":  # the checkpoint as it asks to be served (its own KV setting)
+                        ppl[ck] = round(r["ppl"], 4)  # ../shared/RESULTS.md's key, e.g. learned_gptq_W4A4KV4
         if ppl and acc is not None:
             summary["accuracy"]["vllm_served_ppl"] = ppl
+            summary["accuracy"]["vllm_served_ppl_source"] = src
     server = server_section(sorted(glob.glob(os.path.join(args.results, "serving", "server_check_*.json"))),
                             sorted(glob.glob(os.path.join(args.results, "serving", "server_overhead_*_raw.json"))))
     if server:
