@@ -264,8 +264,11 @@ kern)
   # collected as it ends, so a call that runs out of time still returns what finished.
   setup
   Q=${HQ:-fma}; [ "$Q" = fma ] && Q2=div || Q2=fma
+  # the hadamard_quant launch sweep only with HQ_SWEEP=1: in session 5 it took part a's budget
+  # and left o and qkv at M >= 2048 out
+  SW=(); [ "${HQ_SWEEP:-0}" = 1 ] && SW=(--hq-sweep)
   SPINQUANT_HQ_QUOTIENT=$Q timeout 200 python3 benchmarks/kernels.py --out /tmp/res --tag h100_a --shapes qkv o \
-     --budget-s 175 --hq-sweep 2>&1 | tail -2; collect
+     --budget-s 175 "${SW[@]}" 2>&1 | tail -2; collect
   SPINQUANT_HQ_QUOTIENT=$Q timeout 200 python3 benchmarks/kernels.py --out /tmp/res --tag h100_b --shapes gate_up down \
      --budget-s 175 2>&1 | tail -2
   python3 benchmarks/kernels.py --out /tmp/res --merge /tmp/res/kernels_h100_a.json /tmp/res/kernels_h100_b.json \
