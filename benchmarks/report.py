@@ -489,7 +489,11 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
         for key, pc in sw["points"].items():
             cell = lambda c: (f"{pc[c]['output_tok_s']:.0f} / {pc[c]['tpot_p50_s'] * 1e3:.2f} / "
                               f"{pc[c]['ttft_p50_s']:.2f}" if c in pc else "-")
-            rat = lambda c: " / ".join(f"{v:.2f}x" for v in sw["ratios"].get(key, {}).get(c, {}).values()) or "-"
+            def rat(c):
+                r = sw["ratios"].get(key, {}).get(c, {})
+                if len(r) == 2:
+                    return f"{r['vs_bf16']:.2f}x / {r['vs_fp8']:.2f}x"
+                return " ".join(f"{k} {v:.2f}x" for k, v in r.items()) or "-"  # one baseline: say which
             L.append(f"| {key} | " + " | ".join(cell(c) for c in cfgs)
                      + f" | {rat('spinquant_w4a4kv16')} | {rat('spinquant_w4a4kv4')} |")
         if sw["configs_not_measured"]:

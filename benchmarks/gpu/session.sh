@@ -292,9 +292,9 @@ sweep)
     args+=(--config "$c=${C[$c]:?unknown sweep config $c}"); done
   # resume from this machine's earlier calls, else from the committed results (points already
   # measured are skipped; the output then holds old and new points and every invocation)
-  R=(); C=benchmarks/results/serving/serving_sweep_raw.json
+  R=(); RAW=benchmarks/results/serving/serving_sweep_raw.json
   if [ -f /tmp/sweep/serving_sweep_raw.json ]; then R=(--resume /tmp/sweep/serving_sweep_raw.json)
-  elif [ -f $C ] && [ "${SWEEP_FRESH:-0}" != 1 ]; then R=(--resume $C); fi
+  elif [ -f $RAW ] && [ "${SWEEP_FRESH:-0}" != 1 ]; then R=(--resume $RAW); fi
   timeout 585 python3 benchmarks/serving_sweep.py --out /tmp/sweep "${R[@]}" --min-requests 3 --vocab 120000 \
      --deadline-s "${DEADLINE:-470}" --start-margin-s 100 "${args[@]}" 2>&1 | tail -30
   free_gpu

@@ -80,4 +80,5 @@ def test_report_main_writes_the_sweep_table_and_plot(tmp_path):
     md = (tmp_path / "REPORT.md").read_text()
     assert "| 128x64/c32 | - | 3000 / 4.00 / 0.10 | - | - |" in md  # bf16 not measured there: a dash
     assert "ahead at 2 of 2 points" in md
+    assert "| vs_bf16 1.43x | - |" in md  # one baseline measured: the ratio says which
     assert (tmp_path / "serving_sweep.png").stat().st_size > 10_000
