@@ -140,14 +140,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# How the GPU kernel forms v / scale for the codes (both give the IEEE quotient, bit for bit):
+# How the GPU kernel forms v / scale for the codes (both meant to give the IEEE quotient, bit for bit):
 # "fma" (default) one IEEE reciprocal per row, then per element q = v * inv corrected by one
 # FMA residual step (Markstein: with inv correctly rounded and q within an ulp,
 # q + (v - q * scale) * inv rounds to the IEEE quotient; v * inv alone can miss by a little more
 # than an ulp in rare cases), three instructions instead of the division's subroutine;
 # "div" an IEEE division per element (`div.rn`), kept as the fallback and as the comparator of
 # the GPU test that holds "fma" to it (tests/kernels/test_hadamard_quant.py). H100, session 5,
-# one run: the same codes at every tested shape, and down_proj's layer (14336 Hadamard) at
+# one run: the same codes at every tested shape (random and tie-heavy rows; the correction's
+# exactness is Markstein's argument, not proven here for every scale), and down_proj's layer (14336 Hadamard) at
 # M = 2048 in 326 us against 467 us with "div" (docs/KERNELS.md). The interpreter always divides.
 QUOTIENT_ENV = "SPINQUANT_HQ_QUOTIENT"
 QUOTIENT_MODES = ("div", "fma")
