@@ -425,8 +425,7 @@ def main(argv=None) -> int:
             provenance.write_json(os.path.join(args.out, f"kernels_{args.tag}.json"), r)
         res = run(args, dump)
         dump(res)
-    with open(os.path.join(args.out, f"kernels_{args.tag}.md"), "w") as f:
-        f.write(markdown(res))
+    provenance.write_text(os.path.join(args.out, f"kernels_{args.tag}.md"), markdown(res))
     print(markdown(res))
     return 0
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import sys
 
 import torch
+
+import provenance  # benchmarks/provenance.py (this script's folder is on sys.path)
 
 from spinquant_kernels import format as fmt
 from spinquant_offline import data, evaluate, fake_quant, pipeline, rotation
@@ -62,10 +63,10 @@ def main(argv=None):
     evaluate.kurtosis_plot(kurt["none"], kurt[last], os.path.join(args.out, "kurtosis.png"),
                            labels=("no rotation", last),
                            title="SmolLM2-135M: per-layer kurtosis of linear inputs (held-out Wikipedia)")
-    with open(os.path.join(args.out, "kurtosis.json"), "w") as f:
-        json.dump({"command": " ".join([sys.executable, *sys.argv]), "device": args.device,
-                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                   "torch": torch.__version__, "kurtosis": kurt}, f, indent=1)
+    provenance.write_json(os.path.join(args.out, "kurtosis.json"),
+                          {"command": " ".join([sys.executable, *sys.argv]), "device": args.device,
+                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                           "torch": torch.__version__, "kurtosis": kurt})
 
 
 if __name__ == "__main__":

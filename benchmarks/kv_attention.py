@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
+import provenance  # benchmarks/provenance.py (this script's folder is on sys.path)
+
 from spinquant_kernels import attention as at
 from spinquant_kernels import kv_cache as kc
 
@@ -357,10 +359,8 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, f"kv_attention_{tag}")
 
     def save():  # after every case, so a run cut short keeps what it measured
-        with open(path + ".json", "w") as f:
-            json.dump(r, f, indent=1)
-        with open(path + ".md", "w") as f:
-            f.write(_markdown(r))
+        provenance.write_json(path + ".json", r)
+        provenance.write_text(path + ".md", _markdown(r))
 
     for name in models:
         for B in (1, 32):

@@ -38,15 +38,27 @@ def invocation(device: str | None = None) -> dict:
             "device": device_name(device), "versions": versions()}
 
 
-def write_json(path: str, obj, **dump_kwargs) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
-    import json
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file, then a rename): a run killed
+    mid-write (a device call's time limit) leaves the previous file, never half of one."""
     import os
 
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, **dump_kwargs)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj, indent: int = 1, **dump_kwargs) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`write_text`)."""
+    import json
+
+    write_text(path, json.dumps(obj, indent=indent, **dump_kwargs))
 
 
 def resume_doc(resume: str | None, empty: dict, device: str | None = None) -> dict:

@@ -17,6 +17,8 @@ import math
 import os
 import statistics
 
+import provenance  # benchmarks/provenance.py (this script's folder is on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 ACC_METHODS = ("none_rtn", "hadamard_rtn", "learned_rtn", "hadamard_gptq", "learned_gptq")
@@ -515,8 +517,7 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
                      f"TPOT p50 {o['tpot_p50_s']['spinquant_serve'] * 1e3:.1f} vs {o['tpot_p50_s']['vllm_serve'] * 1e3:.1f} ms; "
                      f"TTFT p50 {o['ttft_p50_s']['spinquant_serve']:.2f} vs {o['ttft_p50_s']['vllm_serve']:.2f} s")
         L.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(L))
+    provenance.write_text(path, "\n".join(L))
 
 
 # ----------------------------------------------------------------------------
@@ -661,8 +662,7 @@ def main(argv=None):
     sweep = _load(sweep_path)["points"] if os.path.exists(sweep_path) else {}
     if sweep:
         summary["serving_sweep"] = sweep_section(sweep_path)
-    with open(os.path.join(args.results, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    provenance.write_json(os.path.join(args.results, "summary.json"), summary, indent=2)
     plots = [plot_accuracy(acc, os.path.join(args.results, "accuracy_ppl.png")) if acc else None,
              plot_kernels(krows, os.path.join(args.results, "kernels_speedup.png")),
              plot_sweep(sweep, os.path.join(args.results, "serving_sweep.png"))]

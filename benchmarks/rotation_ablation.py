@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import sys
 import time
 
 import torch
+
+import provenance  # benchmarks/provenance.py (this script's folder is on sys.path)
 
 from spinquant_kernels import format as fmt
 from spinquant_offline import data, evaluate, fake_quant, pipeline, rotation
@@ -57,8 +58,7 @@ def main(argv=None):
             out["ppl"][f"{rname}/{wq}"] = ppl
             print(f"[ablation] {rname} weights={wq}: ppl {ppl:.2f} ({time.time() - t0:.0f} s)", flush=True)
             del m
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    provenance.write_json(args.out, out)
 
 
 if __name__ == "__main__":
