@@ -255,6 +255,11 @@ def server_section(check_files, overhead_files):
 SWEEP_CONFIGS = ("bf16", "fp8", "fp8_fp8kv", "bf16_int4kv", "spinquant_w4a4kv16", "spinquant_w4a4kv4")
 
 
+# Each SpinQuant sweep configuration's baselines: vLLM's own methods at the same weight or KV width.
+SWEEP_BASELINES = {"spinquant_w4a4kv16": ("bf16", "fp8", "fp8_fp8kv"),
+                   "spinquant_w4a4kv4": ("bf16", "fp8", "fp8_fp8kv", "bf16_int4kv")}
+
+
 def sweep_section(path):
     """serving_sweep_raw.json -> per shape and concurrency, each configuration's output tok/s,
     TTFT and TPOT (p50, p99), and the SpinQuant configurations' throughput ratios to bf16 and fp8
@@ -273,11 +278,11 @@ def sweep_section(path):
     order = lambda k: (k.split("/")[0], int(k.split("/c")[1]))
     out["points"] = {k: out["points"][k] for k in sorted(out["points"], key=order)}
     for key, cfgs in out["points"].items():
-        for c in ("spinquant_w4a4kv16", "spinquant_w4a4kv4"):
+        for c, bases in SWEEP_BASELINES.items():
             if c not in cfgs:
                 continue
             r = {f"vs_{b}": round(cfgs[c]["output_tok_s"] / cfgs[b]["output_tok_s"], 3)
-                 for b in ("bf16", "fp8") if b in cfgs}
+                 for b in bases if b in cfgs}
             if r:
                 out["ratios"].setdefault(key, {})[c] = r
     seen = {c for cfgs in out["points"].values() for c in cfgs}
@@ -313,7 +318,14 @@ def wins_and_losses(summary):
         for cfg, base, why in (("spinquant_w4a4kv16", "fp8",
                                 " Losses at high concurrency: batched decode and prefill run the GEMMs at large M, "
                                 "where FP8's cuBLAS GEMM is faster (docs/PLUGIN.md, Speed and memory)."),
+                               ("spinquant_w4a4kv16", "fp8_fp8kv",
+                                " Losses: as against FP8, plus the fp8 cache's smaller decode reads."),
                                ("spinquant_w4a4kv16", "bf16", ""),
+                               ("spinquant_w4a4kv4", "bf16_int4kv",
+                                " Why: see docs/KV_CACHE.md."),
+                               ("spinquant_w4a4kv4", "fp8_fp8kv",
+                                " Why: the W4A4 GEMM's losses against FP8 at large M plus the KV4 costs in the "
+                                "next line."),
                                ("spinquant_w4a4kv4", "spinquant_w4a4kv16",
                                 " Why: every step also runs the R3 Hadamard and the 4-bit cache write, decode "
                                 "attention over short 4-bit contexts is up to 1.5x bf16 flash's time, prefill over "
@@ -486,18 +498,20 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
               "Dummy Llama-3-8B-shaped weights, closed-loop streaming `/v1/completions` with `ignore_eos`, "
               "max(3, 2 x concurrency) requests per point. Cells: output tok/s, TPOT p50 ms, TTFT p50 s.", ""]
         cfgs = sw["configs_measured"]
-        L += ["| point | " + " | ".join(cfgs) + " | W4A4KV16 vs bf16 / fp8 | W4A4KV4 vs bf16 / fp8 |",
-              "|---|" + "---:|" * (len(cfgs) + 2)]
+        L += ["| point | " + " | ".join(cfgs) + " | W4A4KV16 vs bf16 / fp8 | W4A4KV4 vs bf16 / fp8 "
+              "| W4A4KV4 vs bf16_int4kv |", "|---|" + "---:|" * (len(cfgs) + 3)]
         for key, pc in sw["points"].items():
             cell = lambda c: (f"{pc[c]['output_tok_s']:.0f} / {pc[c]['tpot_p50_s'] * 1e3:.2f} / "
                               f"{pc[c]['ttft_p50_s']:.2f}" if c in pc else "-")
-            def rat(c):
+            def rat(c, bases=("bf16", "fp8")):
                 r = sw["ratios"].get(key, {}).get(c, {})
-                if len(r) == 2:
-                    return f"{r['vs_bf16']:.2f}x / {r['vs_fp8']:.2f}x"
-                return " ".join(f"{k} {v:.2f}x" for k, v in r.items()) or "-"  # one baseline: say which
+                r = {b: r[f"vs_{b}"] for b in bases if f"vs_{b}" in r}
+                if len(r) == len(bases):
+                    return " / ".join(f"{v:.2f}x" for v in r.values())
+                return " ".join(f"vs_{b} {v:.2f}x" for b, v in r.items()) or "-"  # some missing: say which
             L.append(f"| {key} | " + " | ".join(cell(c) for c in cfgs)
-                     + f" | {rat('spinquant_w4a4kv16')} | {rat('spinquant_w4a4kv4')} |")
+                     + f" | {rat('spinquant_w4a4kv16')} | {rat('spinquant_w4a4kv4')} "
+                     f"| {rat('spinquant_w4a4kv4', ('bf16_int4kv',))} |")
         if sw["configs_not_measured"]:
             L += ["", "Not yet measured: " + ", ".join(sw["configs_not_measured"]) + "."]
         if sw["failures"]:

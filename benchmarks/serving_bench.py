@@ -80,6 +80,19 @@ def parse_run(name: str):
     return kind, cfg, flags
 
 
+def log_excerpt(text: str, rc: int, tail: int = 60, cause: int = 80) -> str:
+    """What serving.log keeps of a run: its last ``tail`` lines, and for a failed
+    run first the engine's own traceback (a dead EngineCore prints its root cause
+    well before the client's EngineDeadError, which is all a plain tail shows)."""
+    lines = [l for l in text.splitlines() if "Warning" not in l]
+    keep = lines[-tail:]
+    if rc != 0:
+        start = next((i for i, l in enumerate(lines) if "Traceback" in l or "ERROR" in l), None)
+        if start is not None and start < len(lines) - tail:
+            keep = lines[start:start + cause] + ["[...]"] + keep
+    return "\n".join(keep)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -142,7 +155,7 @@ def main(argv=None):
                 summary[k] = res[k]
         print(f"[serving] {name}: {json.dumps(summary)}", flush=True)
         log.write(f"===== {name} rc={rc}\n$ {' '.join(cmd)}\n")
-        log.write("\n".join(l for l in text.splitlines()[-60:] if "Warning" not in l) + "\n")
+        log.write(log_excerpt(text, rc) + "\n")
         log.flush()
         provenance.write_json(raw_path, doc)
         if rc != 0 and args.stop_on_fail:

@@ -33,8 +33,8 @@ import torch
 
 from spinquant_kernels.attention import (
     kv4_decode_attention,
+    kv4_mixed_attention_dense,
     kv4_prefill_attention,
-    kv4_prefill_attention_dense,
 )
 from spinquant_kernels.kv_cache import (
     dot_dtype,
@@ -60,8 +60,9 @@ logger = logging.getLogger(__name__)
 KV_CACHE_DTYPE = "int4_per_token_head"
 BACKEND_CLASS_PATH = "spinquant_vllm.attention.SpinQuantKV4Backend"
 # Batches with prefill rows: "triton" (default) reads the 4-bit cache per query
-# block; "dense" dequantizes every sequence of the batch once and runs varlen
-# flash (experimental, for A/B runs: docs/KV_CACHE.md).
+# block; "dense" dequantizes each prefill sequence once and runs varlen flash,
+# the batch's decode rows going to the decode kernel (experimental, for A/B
+# runs: docs/KV_CACHE.md).
 PREFILL_ENV = "SPINQUANT_KV4_PREFILL"
 
 _registered = False
@@ -316,10 +317,9 @@ class SpinQuantKV4Impl(AttentionImpl):
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
                 out=out, had_size=self.had_size, hadamard=had)
         elif self.prefill_mode == "dense" and q.is_cuda:
-            kv4_prefill_attention_dense(
-                q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
-                attn_metadata.max_query_len, attn_metadata.max_seq_len, out=out,
-                had_size=self.had_size, hadamard=hads[2])
+            kv4_mixed_attention_dense(
+                q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale, out=out,
+                had_size=self.had_size, hadamard_perm=had, hadamard_full=hads[2])
         else:
             kv4_prefill_attention(
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,

@@ -20,7 +20,8 @@ interleaving nibbles.
 
 :func:`kv4_prefill_attention_dense` is the alternative prefill path: dequantize
 each sequence once (``kv_cache.kv4_cache_dequant``) and run varlen flash
-attention on bf16.
+attention on bf16; :func:`kv4_mixed_attention_dense` sends a mixed batch's
+prefills there and its decodes to the decode kernel.
 
 ``_ref`` twins (same signatures) dequantize the cache with
 ``kv_cache.kv4_cache_gather_ref`` and run ``scaled_dot_product_attention`` in
@@ -588,6 +589,77 @@ def _prefill_dense(q, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale, m
     return out
 
 
+def kv4_mixed_attention_dense(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                              seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, sm_scale: float,
+                              out: torch.Tensor | None = None, had_size: int | None = None,
+                              hadamard_perm: torch.Tensor | None = None,
+                              hadamard_full: torch.Tensor | None = None) -> torch.Tensor:
+    """A batch with prefill rows: prefills through the dense path, decodes through the decode kernel.
+
+    Sequences with more than one query row go to :func:`kv4_prefill_attention_dense`
+    (their whole context dequantized once); sequences with exactly one (the
+    decodes of a mixed batch) go to :func:`kv4_decode_attention`, so no decode
+    sequence's context is dequantized. Without this split a mixed batch of a
+    few prefills and hundreds of running decodes dequantized every decode's
+    context each step (``Hq / Hkv`` times over after the GQA repeat): tens of
+    GB at 4k contexts. Reads the query and context lengths on the host (one
+    sync): for eager prefill batches, not for CUDA-graph capture. Same
+    arguments as :func:`kv4_prefill_attention`, with both Hadamard operands
+    (``kv_cache.hadamard_perm`` for decode, ``kv_cache.hadamard_full`` for the
+    dense path). Equivalent to :func:`kv4_prefill_attention_ref`.
+    """
+    _check_common(q, kv_cache, block_table, seq_lens, kv_cache.shape[1])
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"kv4_mixed_attention_dense needs fp16/bf16 on CUDA, got {q.dtype} "
+                         f"on {q.device.type}")
+    from torch.nn.attention.varlen import varlen_attn
+
+    def dense(qs, bt, sl, cu, max_q, max_k, total):
+        return _prefill_dense(qs, kv_cache, bt, sl, cu, sm_scale, max_q, max_k, total, None,
+                              had_size, hadamard_full, varlen_attn)
+
+    def decode(qs, bt, sl, cu):
+        return kv4_decode_attention(qs, kv_cache, bt, sl, cu, sm_scale, had_size=had_size,
+                                    hadamard=hadamard_perm)
+
+    return _split_mixed(q, block_table, seq_lens, cu_seqlens_q, out, dense, decode)
+
+
+def _split_mixed(q, block_table, seq_lens, cu_seqlens_q, out, dense, decode):
+    """Body of :func:`kv4_mixed_attention_dense`: split the batch by query length
+    and scatter the two results into ``out``. ``dense(q, block_table, seq_lens,
+    cu_q, max_q, max_k, total_k)`` and ``decode(q, block_table, seq_lens, cu_q)``
+    are passed in (the CPU tests run plain-PyTorch stand-ins)."""
+    if out is None:
+        out = torch.empty_like(q)
+    S = seq_lens.shape[0]
+    if S == 0:
+        return out
+    host = torch.cat([cu_seqlens_q[:S + 1].to(torch.int64),
+                      seq_lens.to(torch.int64)]).tolist()
+    cu, sl = host[:S + 1], host[S + 1:]
+    pre = [i for i in range(S) if cu[i + 1] - cu[i] > 1]
+    dec = [i for i in range(S) if cu[i + 1] - cu[i] == 1]
+    dev = q.device
+    if pre:
+        qlen = [cu[i + 1] - cu[i] for i in pre]
+        rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in pre]).to(dev)
+        idx = torch.tensor(pre, device=dev)
+        cu_p = torch.tensor([0] + qlen, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        o = dense(q.index_select(0, rows), block_table.index_select(0, idx),
+                  seq_lens.index_select(0, idx), cu_p, max(qlen), max(sl[i] for i in pre),
+                  sum(sl[i] for i in pre))
+        out.index_copy_(0, rows, o.to(out.dtype))
+    if dec:
+        rows = torch.tensor([cu[i] for i in dec], device=dev)
+        idx = torch.tensor(dec, device=dev)
+        cu_d = torch.arange(len(dec) + 1, dtype=torch.int32, device=dev)
+        o = decode(q.index_select(0, rows), block_table.index_select(0, idx),
+                   seq_lens.index_select(0, idx), cu_d)
+        out.index_copy_(0, rows, o.to(out.dtype))
+    return out
+
+
 # ----------------------------------------------------------------------------
 # references
 # ----------------------------------------------------------------------------
@@ -664,6 +736,7 @@ __all__ = [
     "kv4_decode_attention",
     "kv4_decode_attention_ref",
     "kv4_prefill_attention",
+    "kv4_mixed_attention_dense",
     "kv4_prefill_attention_dense",
     "kv4_prefill_attention_dense_ref",
     "kv4_prefill_attention_ref",

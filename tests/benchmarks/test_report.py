@@ -33,17 +33,22 @@ def test_sweep_section_ratios_and_missing_configs(tmp_path):
     import json
     report = load_script("report")
     pts = [_pt("bf16", 8, 1000.0), _pt("fp8", 8, 1500.0), _pt("spinquant_w4a4kv16", 8, 1800.0),
-           _pt("spinquant_w4a4kv16", 1, 250.0), _pt("bf16", 1, 150.0), _pt("spinquant_w4a4kv4", 128, 5000.0)]
+           _pt("spinquant_w4a4kv16", 1, 250.0), _pt("bf16", 1, 150.0), _pt("spinquant_w4a4kv4", 128, 5000.0),
+           _pt("spinquant_w4a4kv4", 32, 3000.0), _pt("bf16_int4kv", 32, 2000.0)]
     doc = {"points": {f"{p['config']}/1024x256/c{p['concurrency']}": p for p in pts},
            "invocations": [{"command": "serving_sweep.py", "date": "d", "device": "H100", "versions": {}}]}
     path = tmp_path / "serving_sweep_raw.json"
     path.write_text(json.dumps(doc))
     sw = report.sweep_section(str(path))
-    assert list(sw["points"]) == ["1024x256/c1", "1024x256/c8", "1024x256/c128"]  # numeric concurrency order
+    # numeric concurrency order
+    assert list(sw["points"]) == ["1024x256/c1", "1024x256/c8", "1024x256/c32", "1024x256/c128"]
     assert sw["ratios"]["1024x256/c8"]["spinquant_w4a4kv16"] == {"vs_bf16": 1.8, "vs_fp8": 1.2}
     assert sw["ratios"]["1024x256/c1"]["spinquant_w4a4kv16"] == {"vs_bf16": round(250 / 150, 3)}
+    assert sw["ratios"]["1024x256/c32"] == {"spinquant_w4a4kv4": {"vs_bf16_int4kv": 1.5}}  # vLLM's 4-bit KV
     assert "1024x256/c128" not in sw["ratios"]  # no baseline measured at that point: no ratio made up
-    assert sw["configs_not_measured"] == ["fp8_fp8kv", "bf16_int4kv"]
+    assert sw["configs_not_measured"] == ["fp8_fp8kv"]
+    text = "\n".join(report.wins_and_losses({"serving_sweep": sw}))
+    assert "spinquant_w4a4kv4 vs bf16_int4kv (output tok/s): ahead at 1 of 1 points." in text
 
 
 def test_wins_and_losses_are_computed_and_skip_what_is_missing():

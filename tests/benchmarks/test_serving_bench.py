@@ -71,3 +71,17 @@ def test_bad_run_names_are_refused(bench):
         bench("--runs", "bogus:bf16")
     with pytest.raises(ValueError, match="run flag"):
         bench("--runs", "tp:bf16+int3kv")
+
+
+def test_log_keeps_the_engine_traceback_of_a_failed_run():
+    """A failed run's log excerpt holds the engine's root cause printed long before
+    the last lines; a successful run keeps only the tail."""
+    mod = load_script("serving_bench")
+    text = "\n".join(["start"] + ["ERROR EngineCore: Traceback (most recent call last):",
+                                  "torch.OutOfMemoryError: CUDA out of memory"]
+                     + [f"progress {i}" for i in range(200)] + ["EngineDeadError"])
+    failed = mod.log_excerpt(text, 1, tail=10)
+    assert "torch.OutOfMemoryError: CUDA out of memory" in failed
+    assert failed.splitlines()[-1] == "EngineDeadError" and "progress 150" not in failed
+    ok = mod.log_excerpt(text, 0, tail=10)
+    assert "OutOfMemoryError" not in ok and len(ok.splitlines()) == 10

@@ -265,6 +265,59 @@ def test_prefill_dense_path_cpu(had):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
+def test_mixed_dense_gpu_bf16():
+    """Mixed batch (decodes interleaved with prefills) through the dense split: same
+    answer as the reference on every row."""
+    g = torch.Generator().manual_seed(31)
+    Hkv, Hq, D = 8, 32, 128
+    seq_lens, q_lens = [700, 1000, 33, 2049, 5, 300], [1, 1000, 1, 513, 1, 45]
+    cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, "cuda", dtype=torch.bfloat16)
+    q = torch.randn(sum(q_lens), Hq, D, generator=g).bfloat16().cuda()
+    cu = _cu(q_lens, "cuda")
+    scale = 1 / math.sqrt(D)
+    ref = at.kv4_prefill_attention_ref(q.float(), cache, bt, sl, cu, scale, max(q_lens))
+    tol = 2 * _bf16_sdpa_error(q, cache, bt, sl, cu, scale, ref) + 2e-3
+    out = at.kv4_mixed_attention_dense(q, cache, bt, sl, cu, scale)
+    assert (out.float() - ref).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("q_lens", [[1, 20, 1, 3, 1], [20, 3], [1, 1, 1]])
+def test_mixed_dense_split_cpu(q_lens):
+    """The split of a mixed batch: the dense path sees only sequences with more than
+    one query row (no decode's context is dequantized), the decode path only the
+    one-row ones, and every output row matches the reference wherever it sat."""
+    g = torch.Generator().manual_seed(37)
+    Hkv, Hq, D, had = 2, 6, 64, 32
+    seq_lens = [20, 37, 5, 17, 9][:len(q_lens)]
+    seq_lens = [max(s, n) for s, n in zip(seq_lens, q_lens)]
+    cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, "cpu", had=had)
+    q = torch.randn(sum(q_lens), Hq, D, generator=g)
+    cu = _cu(q_lens, "cpu")
+    scale = 1 / math.sqrt(D)
+    seen = {"dense": [], "decode": []}
+
+    def dense(qs, b, s, c, max_q, max_k, total):
+        seen["dense"].append(s.tolist())
+        assert max_q == max(c.diff().tolist()) and max_k == max(s.tolist()) and total == s.sum()
+        return at._prefill_dense(qs, cache, b, s, c, scale, max_q, max_k, total, None, had,
+                                 None, _varlen_attn_cpu)
+
+    def decode(qs, b, s, c):
+        seen["decode"].append(s.tolist())
+        assert c.tolist() == list(range(len(s) + 1))
+        return at.kv4_decode_attention_ref(qs, cache, b, s, c, scale, had_size=had)
+
+    out = at._split_mixed(q, bt, sl, cu, torch.full_like(q, float("nan")), dense, decode)
+    ref = at.kv4_prefill_attention_ref(q, cache, bt, sl, cu, scale, max(q_lens), had_size=had)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    pre = [s for s, n in zip(seq_lens, q_lens) if n > 1]
+    dec = [s for s, n in zip(seq_lens, q_lens) if n == 1]
+    assert seen == {"dense": [pre] if pre else [], "decode": [dec] if dec else []}
+    with pytest.raises(ValueError, match="fp16/bf16 on CUDA"):
+        at.kv4_mixed_attention_dense(q, cache, bt, sl, cu, scale, had_size=had)
+
+
 @pytest.mark.parametrize("module", ["attention", "kv_cache", "w4a4_gemm", "hadamard_quant",
                                     "hadamard", "linear", "format"])
 def test_kernel_modules_resolve_every_global(module):
