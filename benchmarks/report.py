@@ -218,6 +218,15 @@ def served_section(files):
                 rec["vllm"][v] = {"error": r["error"]}
                 continue
             rec["vllm"][v] = {k: r[k] for k in r if k.startswith(("ppl", "greedy_", "start_s", "engine_args"))}
+        # variants the command asked for but the file lacks (the run was killed before them)
+        argv = (d.get("command") or "").split()
+        asked = []
+        if "--variants" in argv:
+            for a in argv[argv.index("--variants") + 1:]:
+                if a.startswith("--"):
+                    break
+                asked.append(a)
+        rec["not_measured"] = [v for v in asked if v not in d.get("vllm", {})]
         out[os.path.basename(path)[len("served_accuracy_"):-len(".json")]] = rec
     return out
 
@@ -347,6 +356,13 @@ def wins_and_losses(summary):
                  f"{tp['spinquant_w4a4kv16'] / tp['bf16']:.2f}x bf16, {tp['spinquant_w4a4kv16'] / tp['fp8']:.2f}x FP8 "
                  "(issue target >= 1.25x FP8: " + ("met" if tp["spinquant_w4a4kv16"] >= 1.25 * tp["fp8"] else "missed")
                  + "; docs/PLUGIN.md has the arithmetic).")
+    lat = srv.get("latency_bs1_s", {})
+    if lat.get("spinquant_w4a4kv16") and lat.get("bf16"):
+        r = lat["spinquant_w4a4kv16"] / lat["bf16"]
+        L.append(f"- `vllm bench latency` batch 1, 512/128 (`{srv.get('headline_source')}`): W4A4KV16 "
+                 f"{lat['spinquant_w4a4kv16']:.3f} s, {r:.2f}x bf16's"
+                 + (f", {lat['spinquant_w4a4kv16'] / lat['fp8']:.2f}x FP8's" if lat.get("fp8") else "")
+                 + " (issue target <= 0.6x bf16: " + ("met" if r <= 0.6 else "missed") + ").")
     if wm.get("spinquant") and wm.get("bf16"):
         L.append(f"- Weight memory: {wm['spinquant']:.2f} GiB vs {wm['bf16']:.2f} GiB bf16 ({wm['spinquant'] / wm['bf16']:.2f}x; "
                  "the 16-bit embedding and lm_head of a 128K vocabulary are 0.13x on their own, docs/PLUGIN.md).")
@@ -470,6 +486,8 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
             L.append(f"| {v} | {r['ppl']:.3f} | {f('ppl_rel_diff_vs_offline_float32')} | "
                      f"{f('ppl_rel_diff_vs_offline_bfloat16')} | {f('greedy_position_match', '{:.3f}')} | "
                      f"{f('greedy_teacher_forced_vs_offline_ckpt_kv', '{:.3f}')} | {f('start_s', '{:.0f}')} |")
+        for v in rec.get("not_measured", []):
+            L.append(f"| {v} | not measured: requested, no result (the run ended first) | | | | | |")
         nf = rec.get("noise_floor_bf16_vs_fp32")
         if nf:
             L += ["", "Noise floor (the offline model in bf16 vs in fp32): " + "; ".join(

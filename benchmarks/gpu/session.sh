@@ -8,12 +8,15 @@
 #   vllm2     .gpu-bundle/s2 .gpu-carry/whl  the rest of p1 + p2; install vLLM (+ openai client deps); unless GPU_TESTS=0,
 #                                            start `pytest tests -m gpu` in the background
 #   gputests  -                              the GPU tests in the foreground
+#   gpubg     -                              the GPU tests in the background (after GPU_TESTS=0 vllm2)
 #   gguf1     .gpu-carry/a1                  first half of the first GGUF piece
 #   gguf2     .gpu-carry/a2                  its second half (joined here)
 #   acc1      .gpu-carry/b                   learned RTN/GPTQ seed 0 (zero-shot), checkpoints to /tmp/ckpt
 #   acc2      -                              seeds 1-2, perplexity only
 #   ckserve   .gpu-carry/b                   rebuild the W4A4KV4 checkpoint from saved rotations, then
-#                                            served accuracy (benchmarks/served_accuracy.py)
+#                                            served accuracy (benchmarks/served_accuracy.py), eager variants
+#   ckcompile .gpu-carry/b                   the same checkpoint served compiled (torch.compile + CUDA
+#                                            graphs), alone in its call, on a quiet GPU
 #   server    -                              openai-client check + overhead sweep on /tmp/ckpt/w4a4kv4
 #   server8b  .gpu-carry/llama8b             the same on the Llama-3-8B-shaped checkpoint (dummy weights)
 #   kv        -                              benchmarks/kv_attention.py
@@ -204,7 +207,7 @@ serve)
      --config "vllm_serve=$PY -m vllm.entrypoints.cli.main serve $CK --port {port} --gpu-memory-utilization 0.4" \
      --config "spinquant_serve=spinquant serve $CK --engine vllm --port {port} --gpu-memory-utilization 0.4" 2>&1 | tail -8
   tail -3 /tmp/res/pytest_gpu.log; collect ;;
-ckserve)
+ckserve|ckcompile)
   # the W4A4KV4 checkpoint from the rotations learned on the first machine (learned_gptq, seed 0)
   cp .gpu-carry/b/* /tmp/stage/
   setup
@@ -212,8 +215,17 @@ ckserve)
   [ -f /tmp/ckpt/w4a4kv4/config.json ] || timeout 240 spinquant quantize --rotation learned --weights gptq --bits W4A4KV4 \
      --rotations /tmp/stage/rotations_W4A4KV4_learned_gptq.pt --device cuda --out /tmp/ckpt/w4a4kv4 --overwrite \
      2>&1 | grep -v "it/s\]" | tail -5 | tee /tmp/res/quantize_ckpt.log
-  timeout 400 python3 benchmarks/served_accuracy.py --ckpt /tmp/ckpt/w4a4kv4 --out /tmp/res --tag smollm2_w4a4kv4 \
-     --variants kv16 int4kv spinquant spinquant+compile --timeout-s 170 2>&1 | grep "served_accuracy\]"
+  if [ $step = ckserve ]; then
+    timeout 400 python3 benchmarks/served_accuracy.py --ckpt /tmp/ckpt/w4a4kv4 --out /tmp/res --tag smollm2_w4a4kv4 \
+       --variants kv16 int4kv spinquant --timeout-s 170 2>&1 | grep "served_accuracy\]"
+  else
+    # the compiled variant (torch.compile + CUDA graphs) alone, on a quiet GPU and with its own
+    # time: in session 6 the eager variants used ckserve's whole budget and its outer timeout
+    # killed this one as it started (sessions 2 and 5: start-up memory profiling disturbed by
+    # other GPU work)
+    timeout 500 python3 benchmarks/served_accuracy.py --ckpt /tmp/ckpt/w4a4kv4 --out /tmp/res \
+       --tag smollm2_w4a4kv4_compile --variants spinquant+compile --timeout-s 420 2>&1 | grep "served_accuracy\]"
+  fi
   collect ;;
 server)
   setup
@@ -244,6 +256,11 @@ lat8b)
 tpkv8b)
   setup
   bench8b 280 tpkv:spinquant_w4a4kv4 tpkv:spinquant_w4a4kv16 tpkv:bf16+int4kv; collect ;;
+gpubg)
+  # the GPU tests (and the split-K pass) in the background, as vllm2 starts them, for a machine
+  # whose vllm2 ran with GPU_TESTS=0 (e.g. after ckcompile, which wants a quiet GPU); any later
+  # step's collect brings back /tmp/res/pytest_gpu*.log
+  start_gpu_tests; sleep 5; tail -3 /tmp/res/pytest_gpu.log 2>/dev/null; collect ;;
 gputests)
   # the GPU-marked tests in the foreground (after vllm2; needs no GGUF)
   setup

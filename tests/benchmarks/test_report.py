@@ -87,3 +87,24 @@ def test_report_main_writes_the_sweep_table_and_plot(tmp_path):
     assert "ahead at 2 of 2 points" in md
     assert "| vs_bf16 1.43x | - |" in md  # one baseline measured: the ratio says which
     assert (tmp_path / "serving_sweep.png").stat().st_size > 10_000
+
+
+def test_served_section_lists_requested_variants_without_a_result(tmp_path):
+    import json
+    report = load_script("report")
+    path = tmp_path / "served_accuracy_x.json"
+    path.write_text(json.dumps({
+        "command": "served_accuracy.py --ckpt c --variants kv16 spinquant+compile --timeout-s 170",
+        "quantization_config": {}, "offline": {"ppl": {"float32/kv16": 32.0}},
+        "vllm": {"kv16": {"ppl": 32.2, "start_s": 10.0}}}))
+    rec = report.served_section([str(path)])["x"]
+    assert rec["not_measured"] == ["spinquant+compile"] and list(rec["vllm"]) == ["kv16"]
+
+
+@pytest.mark.parametrize("spin,verdict", [(0.52, "missed"), (0.50, "met")])
+def test_latency_verdict_against_the_issue_target(spin, verdict):
+    report = load_script("report")
+    lines = report.wins_and_losses({"serving": {"headline_source": "s.json", "latency_bs1_s": {
+        "spinquant_w4a4kv16": spin, "bf16": 0.85, "fp8": 0.57}}})
+    assert len(lines) == 1 and f"{spin / 0.85:.2f}x bf16's" in lines[0]
+    assert lines[0].endswith(f"(issue target <= 0.6x bf16: {verdict}).")
