@@ -193,35 +193,35 @@ def test_decode_gpu_bf16(Hkv, Hq, D):
         assert (out.float() - ref).abs().max().item() <= tol
 
 
-@pytest.mark.gpu
-def test_prefill_gpu_bf16():
-    g = torch.Generator().manual_seed(22)
+def _bf16_case(seed, seq_lens, q_lens):
+    """Llama-3-8B attention shapes on the GPU in bf16: the inputs, the float32 reference
+    and the tolerance (twice bf16 sdpa's own error, plus 2e-3)."""
+    g = torch.Generator().manual_seed(seed)
     Hkv, Hq, D = 8, 32, 128
-    seq_lens, q_lens = [1000, 300, 2049], [1000, 45, 513]
     cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, "cuda", dtype=torch.bfloat16)
     q = torch.randn(sum(q_lens), Hq, D, generator=g).bfloat16().cuda()
     cu = _cu(q_lens, "cuda")
     scale = 1 / math.sqrt(D)
     ref = at.kv4_prefill_attention_ref(q.float(), cache, bt, sl, cu, scale, max(q_lens))
     tol = 2 * _bf16_sdpa_error(q, cache, bt, sl, cu, scale, ref) + 2e-3
+    return (q, cache, bt, sl, cu, scale), ref, tol
+
+
+@pytest.mark.gpu
+def test_prefill_gpu_bf16():
+    q_lens = [1000, 45, 513]
+    args, ref, tol = _bf16_case(22, [1000, 300, 2049], q_lens)
     for fold in (False, True):
-        out = at.kv4_prefill_attention(q, cache, bt, sl, cu, scale, max(q_lens), fold_zero=fold)
+        out = at.kv4_prefill_attention(*args, max(q_lens), fold_zero=fold)
         assert (out.float() - ref).abs().max().item() <= tol
 
 
 @pytest.mark.gpu
 def test_prefill_dense_gpu_bf16():
     """Dequantize once + varlen flash: same answer as the reference (bottom-right causal)."""
-    g = torch.Generator().manual_seed(23)
-    Hkv, Hq, D = 8, 32, 128
     seq_lens, q_lens = [1000, 300, 2049, 7], [1000, 45, 513, 1]
-    cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, "cuda", dtype=torch.bfloat16)
-    q = torch.randn(sum(q_lens), Hq, D, generator=g).bfloat16().cuda()
-    cu = _cu(q_lens, "cuda")
-    scale = 1 / math.sqrt(D)
-    ref = at.kv4_prefill_attention_ref(q.float(), cache, bt, sl, cu, scale, max(q_lens))
-    tol = 2 * _bf16_sdpa_error(q, cache, bt, sl, cu, scale, ref) + 2e-3
-    out = at.kv4_prefill_attention_dense(q, cache, bt, sl, cu, scale, max(q_lens), max(seq_lens))
+    args, ref, tol = _bf16_case(23, seq_lens, q_lens)
+    out = at.kv4_prefill_attention_dense(*args, max(q_lens), max(seq_lens))
     assert (out.float() - ref).abs().max().item() <= tol
 
 
@@ -269,16 +269,8 @@ def test_prefill_dense_path_cpu(had):
 def test_mixed_dense_gpu_bf16():
     """Mixed batch (decodes interleaved with prefills) through the dense split: same
     answer as the reference on every row."""
-    g = torch.Generator().manual_seed(31)
-    Hkv, Hq, D = 8, 32, 128
-    seq_lens, q_lens = [700, 1000, 33, 2049, 5, 300], [1, 1000, 1, 513, 1, 45]
-    cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, "cuda", dtype=torch.bfloat16)
-    q = torch.randn(sum(q_lens), Hq, D, generator=g).bfloat16().cuda()
-    cu = _cu(q_lens, "cuda")
-    scale = 1 / math.sqrt(D)
-    ref = at.kv4_prefill_attention_ref(q.float(), cache, bt, sl, cu, scale, max(q_lens))
-    tol = 2 * _bf16_sdpa_error(q, cache, bt, sl, cu, scale, ref) + 2e-3
-    out = at.kv4_mixed_attention_dense(q, cache, bt, sl, cu, scale)
+    args, ref, tol = _bf16_case(31, [700, 1000, 33, 2049, 5, 300], [1, 1000, 1, 513, 1, 45])
+    out = at.kv4_mixed_attention_dense(*args)
     assert (out.float() - ref).abs().max().item() <= tol
 
 
