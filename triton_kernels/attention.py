@@ -496,19 +496,23 @@ def kv4_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
                           had_size: int | None = None,
                           hadamard: torch.Tensor | None = None,
                           block_m: int = 128, tile_n: int = 32, num_warps: int = 4,
-                          fold_zero: bool = False) -> torch.Tensor:
+                          fold_zero: bool = False, num_stages: int | None = None) -> torch.Tensor:
     """Causal varlen attention for queries that end each sequence (context in the cache).
 
     ``q (num_tokens, num_heads, head_dim)`` NOT rotated; sequence ``i`` owns
     query rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` which are its last
     ``q_len`` positions out of ``seq_lens[i]`` (their K/V already written to
     ``kv_cache``). ``max_query_len`` (host int) sizes the grid. Other
-    arguments as :func:`kv4_decode_attention`. Equivalent to
-    :func:`kv4_prefill_attention_ref`.
+    arguments as :func:`kv4_decode_attention`; ``block_m`` rows (query tokens x
+    the heads of one KV group) per program, ``tile_n`` keys per step,
+    ``num_stages`` Triton's software-pipelining depth (None: Triton's default).
+    Equivalent to :func:`kv4_prefill_attention_ref`.
     """
     out, num_kv_heads, T, Hq, D, S = _check_varlen(q, kv_cache, block_table, seq_lens, cu_seqlens_q, out)
     if S == 0 or max_query_len <= 0:
         return out
+    if num_stages is not None and int(num_stages) < 1:
+        raise ValueError(f"num_stages must be >= 1 (or None for Triton's default), got {num_stages}")
     qr, dt = _rotated_query(q, had_size, hadamard)
     qpk = Hq // num_kv_heads
     block_m = max(block_m, triton.next_power_of_2(qpk), 16)
@@ -527,7 +531,7 @@ def kv4_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
         QPK=qpk, BLOCK_M=block_m, BLOCK_Q=block_q,
         HEAD_DIM=D, HALF_PAD=triton.next_power_of_2(D // 2),
         TILE_N=tile_n, DT=tl_dt, DOT_IEEE=dt == torch.float32, FOLD_ZERO=bool(fold_zero),
-        num_warps=num_warps,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": int(num_stages)}),
     )
     return out
 

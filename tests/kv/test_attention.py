@@ -111,6 +111,24 @@ def test_prefill_matches_reference(Hkv, Hq, D, seq_lens, q_lens, fold):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_m,tile_n,num_stages", [(256, 64, 2), (128, 32, None)])
+def test_prefill_benchmark_settings_match_reference(block_m, tile_n, num_stages):
+    """Settings the benchmark's prefill sweep times (more rows per tile, explicit
+    pipelining depth) give the reference answer; a depth below 1 is refused."""
+    g = torch.Generator().manual_seed(41)
+    dev = _device()
+    seq_lens, q_lens = [70, 9], [40, 9]
+    cache, bt, sl, _ = _paged(seq_lens, 2, 64, 16, g, dev)
+    q = torch.randn(sum(q_lens), 8, 64, generator=g).to(dev)
+    cu = _cu(q_lens, dev)
+    out = at.kv4_prefill_attention(q, cache, bt, sl, cu, 0.125, max(q_lens), block_m=block_m,
+                                   tile_n=tile_n, num_stages=num_stages)
+    ref = at.kv4_prefill_attention_ref(q, cache, bt, sl, cu, 0.125, max(q_lens))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="num_stages must be >= 1"):
+        at.kv4_prefill_attention(q, cache, bt, sl, cu, 0.125, max(q_lens), num_stages=0)
+
+
 def test_prefill_equals_decode_on_last_token():
     g = torch.Generator().manual_seed(9)
     dev = _device()
