@@ -331,7 +331,8 @@ def wins_and_losses(summary):
                                 " Losses: as against FP8, plus the fp8 cache's smaller decode reads."),
                                ("spinquant_w4a4kv16", "bf16", ""),
                                ("spinquant_w4a4kv4", "bf16_int4kv",
-                                " Why: see docs/KV_CACHE.md."),
+                                " Losses: look first at decode attention over the two caches "
+                                "(docs/KV_CACHE.md, decode table)."),
                                ("spinquant_w4a4kv4", "fp8_fp8kv",
                                 " Why: the W4A4 GEMM's losses against FP8 at large M plus the KV4 costs in the "
                                 "next line."),
