@@ -266,7 +266,22 @@ SWEEP_CONFIGS = ("bf16", "fp8", "fp8_fp8kv", "bf16_int4kv", "spinquant_w4a4kv16"
 
 # Each SpinQuant sweep configuration's baselines: vLLM's own methods at the same weight or KV width.
 SWEEP_BASELINES = {"spinquant_w4a4kv16": ("bf16", "fp8", "fp8_fp8kv"),
-                   "spinquant_w4a4kv4": ("bf16", "fp8", "fp8_fp8kv", "bf16_int4kv")}
+                   "spinquant_w4a4kv4": ("bf16", "fp8", "fp8_fp8kv", "bf16_int4kv", "spinquant_w4a4kv16")}
+_GEMM_VS_FP8 = ("batched decode and prefill run the GEMMs at large M, where FP8's cuBLAS GEMM is faster "
+                "(docs/PLUGIN.md, Speed and memory)")
+_KV4_COSTS = ("every step also runs the R3 Hadamard and the 4-bit cache write, decode attention over short "
+              "4-bit contexts is up to 1.5x bf16 flash's time, prefill over the 4-bit cache is slower than "
+              "bf16 flash, and the extra capacity barely binds at these shapes (docs/KV_CACHE.md)")
+# where each sweep comparison's losses are explained (appended to its verdict line when it loses)
+SWEEP_LOSS_WHY = {
+    ("spinquant_w4a4kv16", "fp8"): f" Losses at high concurrency: {_GEMM_VS_FP8}.",
+    ("spinquant_w4a4kv16", "fp8_fp8kv"): f" Losses: {_GEMM_VS_FP8}; the fp8 cache also halves decode reads.",
+    ("spinquant_w4a4kv4", "fp8"): f" Why: {_GEMM_VS_FP8}, plus the KV4 costs of the last line.",
+    ("spinquant_w4a4kv4", "fp8_fp8kv"): f" Why: {_GEMM_VS_FP8}, plus the KV4 costs of the last line.",
+    ("spinquant_w4a4kv4", "bf16_int4kv"): " Losses: look first at decode attention over the two caches "
+                                          "(docs/KV_CACHE.md, decode table).",
+    ("spinquant_w4a4kv4", "spinquant_w4a4kv16"): f" Why: {_KV4_COSTS}.",
+}
 
 
 def sweep_section(path):
@@ -290,7 +305,7 @@ def sweep_section(path):
         for c, bases in SWEEP_BASELINES.items():
             if c not in cfgs:
                 continue
-            r = {f"vs_{b}": round(cfgs[c]["output_tok_s"] / cfgs[b]["output_tok_s"], 3)
+            r = {f"vs_{b}": round(cfgs[c]["output_tok_s"] / cfgs[b]["output_tok_s"], 4)
                  for b in bases if b in cfgs}
             if r:
                 out["ratios"].setdefault(key, {})[c] = r
@@ -324,32 +339,18 @@ def wins_and_losses(summary):
                         "(docs/KERNELS.md, Ceilings)." if lose and "bf16" in name else ""))
     sw = summary.get("serving_sweep")
     if sw:
-        for cfg, base, why in (("spinquant_w4a4kv16", "fp8",
-                                " Losses at high concurrency: batched decode and prefill run the GEMMs at large M, "
-                                "where FP8's cuBLAS GEMM is faster (docs/PLUGIN.md, Speed and memory)."),
-                               ("spinquant_w4a4kv16", "fp8_fp8kv",
-                                " Losses: as against FP8, plus the fp8 cache's smaller decode reads."),
-                               ("spinquant_w4a4kv16", "bf16", ""),
-                               ("spinquant_w4a4kv4", "bf16_int4kv",
-                                " Losses: look first at decode attention over the two caches "
-                                "(docs/KV_CACHE.md, decode table)."),
-                               ("spinquant_w4a4kv4", "fp8_fp8kv",
-                                " Why: the W4A4 GEMM's losses against FP8 at large M plus the KV4 costs in the "
-                                "next line."),
-                               ("spinquant_w4a4kv4", "spinquant_w4a4kv16",
-                                " Why: every step also runs the R3 Hadamard and the 4-bit cache write, decode "
-                                "attention over short 4-bit contexts is up to 1.5x bf16 flash's time, prefill over "
-                                "the 4-bit cache is slower than bf16 flash, and the extra capacity barely binds at "
-                                "these shapes (docs/KV_CACHE.md).")):
-            win, lose = [], []
-            for key, cfgs in sw["points"].items():
-                if cfg in cfgs and base in cfgs:
-                    r = cfgs[cfg]["output_tok_s"] / cfgs[base]["output_tok_s"]
-                    (win if r >= 1.0 else lose).append(f"{key} {r:.2f}x")
-            if win or lose:
-                L.append(f"- Serving sweep, {cfg} vs {base} (output tok/s): ahead at {len(win)} of "
-                         f"{len(win) + len(lose)} points" + (f" ({', '.join(win)})" if win and lose else "")
-                         + (f"; behind at {', '.join(lose)}." if lose else ".") + (why if lose else ""))
+        for cfg, bases in SWEEP_BASELINES.items():
+            for base in bases:
+                win, lose = [], []
+                for key, by_cfg in sw["ratios"].items():
+                    r = by_cfg.get(cfg, {}).get(f"vs_{base}")
+                    if r is not None:
+                        (win if r >= 1.0 else lose).append(f"{key} {r:.2f}x")
+                if win or lose:
+                    L.append(f"- Serving sweep, {cfg} vs {base} (output tok/s): ahead at {len(win)} of "
+                             f"{len(win) + len(lose)} points" + (f" ({', '.join(win)})" if win and lose else "")
+                             + (f"; behind at {', '.join(lose)}." if lose else ".")
+                             + (SWEEP_LOSS_WHY.get((cfg, base), "") if lose else ""))
     srv = summary.get("serving") or {}
     tp, wm = srv.get("output_tok_s", {}), srv.get("weight_memory_gib", {})
     if tp.get("spinquant_w4a4kv16") and tp.get("fp8") and tp.get("bf16"):

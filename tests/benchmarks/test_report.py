@@ -43,7 +43,7 @@ def test_sweep_section_ratios_and_missing_configs(tmp_path):
     # numeric concurrency order
     assert list(sw["points"]) == ["1024x256/c1", "1024x256/c8", "1024x256/c32", "1024x256/c128"]
     assert sw["ratios"]["1024x256/c8"]["spinquant_w4a4kv16"] == {"vs_bf16": 1.8, "vs_fp8": 1.2}
-    assert sw["ratios"]["1024x256/c1"]["spinquant_w4a4kv16"] == {"vs_bf16": round(250 / 150, 3)}
+    assert sw["ratios"]["1024x256/c1"]["spinquant_w4a4kv16"] == {"vs_bf16": round(250 / 150, 4)}
     assert sw["ratios"]["1024x256/c32"] == {"spinquant_w4a4kv4": {"vs_bf16_int4kv": 1.5}}  # vLLM's 4-bit KV
     assert "1024x256/c128" not in sw["ratios"]  # no baseline measured at that point: no ratio made up
     assert sw["configs_not_measured"] == ["fp8_fp8kv"]
@@ -56,13 +56,12 @@ def test_wins_and_losses_are_computed_and_skip_what_is_missing():
     summary = {
         "kernels": {"source": "k.json", "w4a4_layer_speedup_vs_bf16": {"1": 2.0, "2048": 0.9},
                     "w4a4_layer_speedup_vs_fp8": {"1": 1.5, "2048": 0.6}},
-        "serving_sweep": {"points": {"1024x256/c1": {"spinquant_w4a4kv16": {"output_tok_s": 110.0},
-                                                     "fp8": {"output_tok_s": 100.0}},
-                                     "1024x256/c128": {"spinquant_w4a4kv16": {"output_tok_s": 90.0},
-                                                       "fp8": {"output_tok_s": 100.0}}}}}
+        "serving_sweep": {"ratios": {"1024x256/c1": {"spinquant_w4a4kv16": {"vs_fp8": 1.1}},
+                                     "1024x256/c128": {"spinquant_w4a4kv16": {"vs_fp8": 0.9}}}}}
     text = "\n".join(report.wins_and_losses(summary))
     assert "vs cuBLAS bf16 (`k.json`): faster at M = 1; slower at M = 2048" in text
-    assert "ahead at 1 of 2 points (1024x256/c1 1.10x); behind at 1024x256/c128 0.90x." in text
+    assert ("spinquant_w4a4kv16 vs fp8 (output tok/s): ahead at 1 of 2 points (1024x256/c1 1.10x); "
+            "behind at 1024x256/c128 0.90x. Losses at high concurrency:") in text
     assert "vs bf16 (output tok/s)" not in text and "Accuracy" not in text  # nothing measured: no line
     assert report.wins_and_losses({}) == []
 
@@ -81,7 +80,7 @@ def test_report_main_writes_the_sweep_table_and_plot(tmp_path):
                                          "versions": {}}]}))
     report.main(["--results", str(tmp_path)])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["serving_sweep"]["ratios"]["128x64/c8"]["spinquant_w4a4kv16"] == {"vs_bf16": round(1000 / 700, 3)}
+    assert summary["serving_sweep"]["ratios"]["128x64/c8"]["spinquant_w4a4kv16"] == {"vs_bf16": round(1000 / 700, 4)}
     md = (tmp_path / "REPORT.md").read_text()
     assert "| 128x64/c32 | - | 3000 / 4.00 / 0.10 | - | - |" in md  # bf16 not measured there: a dash
     assert "ahead at 2 of 2 points" in md
