@@ -17,6 +17,7 @@
 #                                            served accuracy (benchmarks/served_accuracy.py), eager variants
 #   ckcompile .gpu-carry/b                   the same checkpoint served compiled (torch.compile + CUDA
 #                                            graphs), alone in its call, on a quiet GPU
+#   ckbuild   .gpu-carry/b                   only build that checkpoint (then ckcompile has its whole call)
 #   server    -                              openai-client check + overhead sweep on /tmp/ckpt/w4a4kv4
 #   server8b  .gpu-carry/llama8b             the same on the Llama-3-8B-shaped checkpoint (dummy weights)
 #   kv        -                              benchmarks/kv_attention.py
@@ -207,15 +208,18 @@ serve)
      --config "vllm_serve=$PY -m vllm.entrypoints.cli.main serve $CK --port {port} --gpu-memory-utilization 0.4" \
      --config "spinquant_serve=spinquant serve $CK --engine vllm --port {port} --gpu-memory-utilization 0.4" 2>&1 | tail -8
   tail -3 /tmp/res/pytest_gpu.log; collect ;;
-ckserve|ckcompile)
-  # the W4A4KV4 checkpoint from the rotations learned on the first machine (learned_gptq, seed 0)
+ckbuild|ckserve|ckcompile)
+  # the W4A4KV4 checkpoint from the rotations learned on the first machine (learned_gptq, seed 0);
+  # ckbuild only builds it (~110 s), so that ckcompile's engine start has a whole call
   cp .gpu-carry/b/* /tmp/stage/
   setup
   free_gpu
   [ -f /tmp/ckpt/w4a4kv4/config.json ] || timeout 240 spinquant quantize --rotation learned --weights gptq --bits W4A4KV4 \
      --rotations /tmp/stage/rotations_W4A4KV4_learned_gptq.pt --device cuda --out /tmp/ckpt/w4a4kv4 --overwrite \
      2>&1 | grep -v "it/s\]" | tail -5 | tee /tmp/res/quantize_ckpt.log
-  if [ $step = ckserve ]; then
+  if [ $step = ckbuild ]; then
+    ls -la /tmp/ckpt/w4a4kv4
+  elif [ $step = ckserve ]; then
     timeout 400 python3 benchmarks/served_accuracy.py --ckpt /tmp/ckpt/w4a4kv4 --out /tmp/res --tag smollm2_w4a4kv4 \
        --variants kv16 int4kv spinquant --timeout-s 170 2>&1 | grep "served_accuracy\]"
   else
