@@ -208,6 +208,9 @@ def decode_case(name, B, L, gen, dev, sweep: bool) -> dict:
     res["ours_ms"] = _bench(ours())
     ours()()
     res["ours_sqnr_db"] = _sqnr_db(exact, out.float())
+    # the other code unpackings at the default splits (prefill_case explains them)
+    for unpack in ("fold", "magic"):
+        res[f"ours_{unpack}_ms"] = _bench(ours(unpack=unpack))
     res["ours_bytes"] = B * L * Hkv * 2 * kc.kv4_head_bytes(D)
     kt, vt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
     res["bf16_flash_ms"] = _bench(_bf16_flash(q, kt, vt))
@@ -259,6 +262,51 @@ def write_case(name, T, gen, dev) -> dict:
             "bf16_index_put_ms": _bench(bf16_write)}
 
 
+# prefill variants timed side by side: (block_m, tile_n, num_warps, unpack, heavy_first,
+# num_stages). The first is the default through session 6 (1.39 ms at 4k against bf16 flash's
+# 0.50); the second adds what session 7 made default (longest causal blocks first, no mask on
+# interior tiles); then the unpackings (`fold`: c + 8 converted int -> float, the zero point
+# removed once per score; `magic`: 136 + c as bf16 bit patterns, no conversion at all), more
+# query rows per unpacked K/V tile (256) and pipelining depths.
+PREFILL_VARIANTS = (
+    (128, 32, 4, "sub", False, None), (128, 32, 4, "sub", True, None),
+    (128, 32, 4, "fold", True, None), (128, 32, 4, "magic", True, None),
+    (128, 64, 4, "magic", True, None), (128, 64, 8, "magic", True, None),
+    (64, 32, 4, "magic", True, None), (256, 32, 8, "magic", True, None),
+    (256, 64, 8, "magic", True, None), (256, 64, 8, "magic", True, 2),
+    (256, 32, 8, "sub", True, None), (256, 64, 8, "sub", True, None),
+    (128, 32, 4, "magic", True, 2), (128, 32, 4, "magic", True, 4),
+    (128, 64, 4, "magic", True, 3),
+)
+
+
+def _variant_kw(v) -> dict:
+    bm, tn, nw, unpack, heavy, st = v
+    return dict(block_m=bm, tile_n=tn, num_warps=nw, unpack=unpack, heavy_first=heavy,
+                num_stages=st)
+
+
+def _variant_name(d: dict) -> str:
+    return (f"bm{d['block_m']} tn{d['tile_n']} w{d['num_warps']} {d['unpack']}"
+            + ("" if d["heavy_first"] else " inorder")
+            + (f" st{d['num_stages']}" if d.get("num_stages") else ""))
+
+
+def _prefill_sweep(run) -> list:
+    """Time ``run(**kw)`` for every PREFILL_VARIANTS entry; a variant that fails to compile
+    (e.g. out of shared memory or registers) is recorded with its error, not fatal."""
+    out = []
+    for v in PREFILL_VARIANTS:
+        kw = _variant_kw(v)
+        try:
+            ms = _bench(run(**kw))
+            out.append(dict(kw, ms=ms))
+        except (RuntimeError, ValueError) as e:
+            out.append(dict(kw, ms=float("nan"), error=f"{type(e).__name__}: {str(e)[:200]}"))
+        torch.cuda.empty_cache()
+    return out
+
+
 def prefill_case(name, L, gen, dev) -> dict:
     Hq, Hkv, D = SHAPES[name]
     q, k, v, bt, slots = _make(1, L, Hq, Hkv, D, gen, dev)
@@ -273,22 +321,12 @@ def prefill_case(name, L, gen, dev) -> dict:
     qt = qs.transpose(0, 1)[None]
     kt = k[0].transpose(0, 1)[None].repeat_interleave(Hq // Hkv, 1)
     vt = v[0].transpose(0, 1)[None].repeat_interleave(Hq // Hkv, 1)
-    res = {"model": name, "prompt": L, "ours_ms": _bench(lambda: at.kv4_prefill_attention(
-        qs, cache, bt, sl, cu, 1 / math.sqrt(D), L, out=out, hadamard=had)), "sweep": []}
-    # (block_m, tile_n, num_warps, fold_zero, num_stages); session 4 tried the first five (the
-    # default 128/32/4 won at 1.39 ms against bf16 flash's 0.50); the rest try more rows per
-    # unpacked K/V tile (256) and explicit pipelining depths
-    for bm, tn, nw, fold, st in ((128, 32, 8, False, None), (128, 32, 8, True, None),
-                                 (64, 32, 4, False, None), (128, 64, 8, False, None),
-                                 (64, 64, 4, True, None), (256, 32, 8, False, None),
-                                 (256, 64, 8, False, None), (256, 64, 8, False, 2),
-                                 (128, 32, 4, False, 2), (128, 32, 4, False, 4),
-                                 (128, 64, 4, False, 3)):
-        ms = _bench(lambda: at.kv4_prefill_attention(
-            qs, cache, bt, sl, cu, 1 / math.sqrt(D), L, out=out, hadamard=had, block_m=bm,
-            tile_n=tn, num_warps=nw, fold_zero=fold, num_stages=st))
-        res["sweep"].append({"block_m": bm, "tile_n": tn, "num_warps": nw, "fold_zero": fold,
-                             "num_stages": st, "ms": ms})
+
+    def run(**kw):
+        return lambda: at.kv4_prefill_attention(qs, cache, bt, sl, cu, 1 / math.sqrt(D), L,
+                                                out=out, hadamard=had, **kw)
+
+    res = {"model": name, "prompt": L, "ours_ms": _bench(run()), "sweep": _prefill_sweep(run)}
     hf = kc.hadamard_full(D, D, torch.bfloat16, dev)
     try:
         res["ours_dense_ms"] = _bench(lambda: at.kv4_prefill_attention_dense(
@@ -300,6 +338,65 @@ def prefill_case(name, L, gen, dev) -> dict:
         res["ours_dense_error"] = f"{type(e).__name__}: {e}"
     res["bf16_flash_causal_ms"] = _bench(lambda: F.scaled_dot_product_attention(
         qt, kt, vt, is_causal=True, scale=1 / math.sqrt(D)))
+    return res
+
+
+def mixed_case(name, gen, dev, decodes: int = 256, ctx: int = 4352,
+               chunks=((4096, 0), (4096, 0), (4096, 0), (3000, 1096))) -> dict:
+    """A chunked-prefill step as vLLM schedules it in the 4096-in / 512-out run: ``decodes``
+    one-row sequences at ``ctx`` context next to prefill chunks ``(new tokens, cached
+    context)`` (~16k tokens, vLLM's offline batch budget). Times the whole batch through the
+    prefill kernel (before session 7), kv4_mixed_attention (decode rows to the decode kernel)
+    with each unpacking, the decode rows alone, and bf16 varlen flash on contiguous K/V of the
+    same batch (the KV16 path's work, without its paging)."""
+    Hq, Hkv, D = SHAPES[name]
+    q_lens = [1] * decodes + [n for n, _ in chunks]
+    seq_lens = [ctx] * decodes + [n + c for n, c in chunks]
+    S, T = len(q_lens), sum(q_lens)
+    nblk = [-(-L // BLOCK) for L in seq_lens]
+    perm = torch.randperm(sum(nblk), generator=gen, device=dev).to(torch.int32)
+    bt = torch.zeros(S, max(nblk), dtype=torch.int32, device=dev)
+    o = 0
+    for i, n in enumerate(nblk):
+        bt[i, :n] = perm[o:o + n]
+        o += n
+    cache = kc.allocate_kv4_cache(sum(nblk), BLOCK, Hkv, D, dev)
+    hh = kc.hadamard_halves(D, D, torch.bfloat16, dev)
+    kv_lens = torch.tensor(seq_lens, device=dev)
+    for i, L in enumerate(seq_lens):   # K/V per sequence: the whole batch at once is ~5 GB
+        k = torch.randn(L, Hkv, D, generator=gen, device=dev, dtype=torch.bfloat16)
+        pos = torch.arange(L, device=dev)
+        slots = bt[i].long()[pos // BLOCK] * BLOCK + pos % BLOCK
+        kc.kv4_cache_write(k, torch.randn_like(k), cache, slots, hadamard=hh)
+    had = kc.hadamard_perm(D, D, torch.bfloat16, dev)
+    q = torch.randn(T, Hq, D, generator=gen, device=dev, dtype=torch.bfloat16)
+    sl = kv_lens.to(torch.int32)
+    cu = torch.zeros(S + 1, dtype=torch.int32, device=dev)
+    cu[1:] = torch.tensor(q_lens, device=dev).cumsum(0)
+    out = torch.empty_like(q)
+    sc, mq = 1 / math.sqrt(D), max(q_lens)
+    res = {"model": name, "decodes": decodes, "decode_context": ctx,
+           "chunks": [list(c) for c in chunks], "tokens": T}
+    res["whole_prefill_ms"] = _bench(lambda: at.kv4_prefill_attention(
+        q, cache, bt, sl, cu, sc, mq, out=out, hadamard=had))
+    for unpack in ("sub", "fold", "magic"):
+        kw = {"unpack": unpack}
+        res[f"mixed_{unpack}_ms"] = _bench(lambda: at.kv4_mixed_attention(
+            q, cache, bt, sl, cu, sc, mq, out=out, hadamard=had, prefill_kw=kw, decode_kw=kw))
+    res["decode_rows_only_ms"] = _bench(lambda: at.kv4_decode_attention(
+        q, cache, bt, sl, cu, sc, out=out, hadamard=had, single_rows_only=True))
+    # bf16 flash over the same batch, K/V contiguous per sequence (varlen, GQA native)
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+        tot = int(kv_lens.sum())
+        kb = torch.randn(tot, Hkv, D, generator=gen, device=dev, dtype=torch.bfloat16)
+        vb = torch.randn_like(kb)
+        cuk = torch.zeros(S + 1, dtype=torch.int32, device=dev)
+        cuk[1:] = kv_lens.cumsum(0)
+        res["bf16_varlen_flash_ms"] = _bench(lambda: varlen_attn(
+            q, kb, vb, cu, cuk, mq, max(seq_lens), is_causal=True, scale=sc))
+    except (ImportError, RuntimeError, TypeError, ValueError) as e:
+        res["bf16_varlen_flash_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return res
 
 
@@ -322,6 +419,15 @@ def _markdown(r: dict) -> str:
             f"{d['bf16_floor_ms']:.4f} | {'-' if vl is None else f'{vl:.4f}'} | "
             f"{d['ours_ms'] / d['bf16_flash_ms']:.2f} | {d['ours_sqnr_db']:.1f} | "
             f"{'-' if vq is None else f'{vq:.1f}'} | {'-' if best is None else f'{best:.4f}'} |")
+    if any("ours_magic_ms" in d for d in r["decode"]):
+        lines += ["", "### Decode with the other code unpackings (default splits, ms)", "",
+                  "| model | batch | context | sub (default) | fold | magic |",
+                  "|---|---|---|---|---|---|"]
+        for d in r["decode"]:
+            if "ours_magic_ms" in d:
+                lines.append(f"| {d['model']} | {d['batch']} | {d['context']} | "
+                             f"{d['ours_ms']:.4f} | {d['ours_fold_ms']:.4f} | "
+                             f"{d['ours_magic_ms']:.4f} |")
     lines += ["", "## Cache write (fused R3 + int4 + paged store) vs a bf16 index_put", "",
               "| model | tokens | ours ms | bf16 index_put ms |", "|---|---|---|---|"]
     for w in r["write"]:
@@ -333,12 +439,35 @@ def _markdown(r: dict) -> str:
               "ours dense ms (dequant + varlen flash) | bf16 flash causal ms |",
               "|---|---|---|---|---|---|"]
     for p in r["prefill"]:
-        b = min(p["sweep"], key=lambda x: x["ms"])
-        cfg = (f"bm{b['block_m']} tn{b['tile_n']} w{b['num_warps']} fold{int(b['fold_zero'])}"
-               + (f" st{b['num_stages']}" if b.get("num_stages") else ""))
-        lines.append(f"| {p['model']} | {p['prompt']} | {p['ours_ms']:.3f} | "
-                     f"{b['ms']:.3f} ({cfg}) | {p['ours_dense_ms']:.3f} | "
-                     f"{p['bf16_flash_causal_ms']:.3f} |")
+        ok = [x for x in p["sweep"] if x["ms"] == x["ms"]]
+        best = min(ok, key=lambda x: x["ms"]) if ok else None
+        cfg = _variant_name(best) if best else "-"
+        best_ms = "-" if best is None else f"{best['ms']:.3f}"
+        lines.append(f"| {p['model']} | {p['prompt']} | {p['ours_ms']:.3f} | {best_ms} ({cfg}) | "
+                     f"{p['ours_dense_ms']:.3f} | {p['bf16_flash_causal_ms']:.3f} |")
+    if r["prefill"]:
+        lines += ["", "### Prefill variants (ms)", "",
+                  "| variant | " + " | ".join(p["model"] for p in r["prefill"]) + " |",
+                  "|---|" + "---|" * len(r["prefill"])]
+        for i, v in enumerate(r["prefill"][0]["sweep"]):
+            cells = []
+            for p in r["prefill"]:
+                x = p["sweep"][i] if i < len(p["sweep"]) else None
+                cells.append("-" if x is None or x["ms"] != x["ms"] else f"{x['ms']:.3f}")
+            lines.append(f"| {_variant_name(v)} | " + " | ".join(cells) + " |")
+    if r.get("mixed"):
+        lines += ["", "## Mixed batch (decodes + prefill chunks, one chunked-prefill step)", "",
+                  "| model | decodes x context | chunks (new, cached) | whole batch through "
+                  "prefill ms | mixed sub ms | mixed fold ms | mixed magic ms | decode rows "
+                  "alone ms | bf16 varlen flash ms |", "|---|---|---|---|---|---|---|---|---|"]
+        for m in r["mixed"]:
+            bf = m.get("bf16_varlen_flash_ms")
+            lines.append(
+                f"| {m['model']} | {m['decodes']} x {m['decode_context']} | "
+                f"{', '.join(f'({a}, {b})' for a, b in m['chunks'])} | "
+                f"{m['whole_prefill_ms']:.3f} | {m['mixed_sub_ms']:.3f} | "
+                f"{m['mixed_fold_ms']:.3f} | {m['mixed_magic_ms']:.3f} | "
+                f"{m['decode_rows_only_ms']:.3f} | {'-' if bf is None else f'{bf:.3f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -346,6 +475,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--quick", action="store_true", help="Llama-3-8B shape only, no sweep")
+    ap.add_argument("--sections", nargs="+", default=["decode", "write", "prefill", "mixed"],
+                    choices=["decode", "write", "prefill", "mixed"],
+                    help="which parts to time (default: all)")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kv_attention benchmark needs a CUDA GPU", file=sys.stderr)
@@ -360,29 +493,37 @@ def main(argv=None) -> int:
     r = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
          "triton": triton.__version__, "vllm": vllm_ver, "python": platform.python_version(),
          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-         "decode": [], "write": [], "prefill": []}
+         "sections": args.sections, "decode": [], "write": [], "prefill": [], "mixed": []}
     models = ["llama3-8b"] if args.quick else list(SHAPES)
     os.makedirs(args.out, exist_ok=True)
     tag = r["device"].replace(" ", "_").replace("/", "_")
-    path = os.path.join(args.out, f"kv_attention_{tag}")
+    path = os.path.join(args.out, f"kv_attention_{tag}{args.tag}")
 
     def save():  # after every case, so a run cut short keeps what it measured
         provenance.write_json(path + ".json", r)
         provenance.write_text(path + ".md", _markdown(r))
 
+    sec = set(args.sections)
     for name in models:
-        for B in (1, 32):
+        if "prefill" in sec:   # first: the part this script is run for since session 7
+            r["prefill"].append(prefill_case(name, 4096, gen, dev))
+            print(json.dumps(r["prefill"][-1]), flush=True)
+            save()
+        if "mixed" in sec and name == "llama3-8b":
+            r["mixed"].append(mixed_case(name, gen, dev))
+            print(json.dumps(r["mixed"][-1]), flush=True)
+            save()
+            torch.cuda.empty_cache()
+        for B in ((1, 32) if "decode" in sec else ()):
             for L in (1024, 4096, 16384):
                 d = decode_case(name, B, L, gen, dev, sweep=not args.quick and name == "llama3-8b")
                 print(json.dumps({k: v for k, v in d.items() if k != "ours_sweep"}), flush=True)
                 r["decode"].append(d)
                 save()
                 torch.cuda.empty_cache()
-        for T in (32, 8192):
+        for T in ((32, 8192) if "write" in sec else ()):
             r["write"].append(write_case(name, T, gen, dev))
             print(json.dumps(r["write"][-1]), flush=True)
-        r["prefill"].append(prefill_case(name, 4096, gen, dev))
-        print(json.dumps(r["prefill"][-1]), flush=True)
         save()
     print(_markdown(r))
     return 0

@@ -42,6 +42,13 @@ FLAGS = {
 ENV_FLAGS = {
     # SpinQuant KV4 prefill through dequantize + varlen flash (spinquant_vllm/attention.py)
     "denseprefill": {"SPINQUANT_KV4_PREFILL": "dense"},
+    # the whole mixed batch through the prefill kernel (before session 7) instead of its
+    # one-row sequences through the decode kernel
+    "wholeprefill": {"SPINQUANT_KV4_PREFILL": "triton_whole"},
+    # how the KV4 attention kernels unpack codes (spinquant_vllm/attention.py UNPACK_ENV)
+    "kvsub": {"SPINQUANT_KV4_UNPACK": "sub"},
+    "kvfold": {"SPINQUANT_KV4_UNPACK": "fold"},
+    "kvmagic": {"SPINQUANT_KV4_UNPACK": "magic"},
     # split-K tiles back in the W4A4 GEMM's autotuning (triton_kernels/w4a4_gemm.py)
     "splitk": {"SPINQUANT_TUNE_SPLIT_K": "1"},
     # hadamard_quant's quotient (triton_kernels/hadamard_quant.py): reciprocal + FMA (the
@@ -49,6 +56,19 @@ ENV_FLAGS = {
     "hqfma": {"SPINQUANT_HQ_QUOTIENT": "fma"},
     "hqdiv": {"SPINQUANT_HQ_QUOTIENT": "div"},
 }
+# pf<BLOCK_M>x<TILE_N>x<WARPS>[s<STAGES>]: the KV4 prefill kernel's tile settings
+# (SPINQUANT_KV4_PREFILL_CFG, spinquant_vllm/attention.py), e.g. +pf256x64x8
+PF_FLAG = re.compile(r"pf(\d+)x(\d+)x(\d+)(?:s(\d+))?$")
+
+
+def flag_env(flag: str) -> dict:
+    """The environment a run flag sets ({} for command-line flags)."""
+    m = PF_FLAG.match(flag)
+    if m:
+        return {"SPINQUANT_KV4_PREFILL_CFG": ",".join(x for x in m.groups() if x is not None)}
+    return ENV_FLAGS.get(flag, {})
+
+
 KINDS = {
     "tp": ["throughput", "--dataset-name", "random", "--input-len", "1024", "--output-len", "256",
            "--num-prompts", "400"],
@@ -75,8 +95,9 @@ def parse_run(name: str):
         raise ValueError(f"run kind must be one of {sorted(KINDS)}, got {kind!r}")
     cfg, *flags = rest.split("+")
     for f in flags:
-        if f not in FLAGS and f not in ENV_FLAGS:
-            raise ValueError(f"run flag must be one of {sorted({**FLAGS, **ENV_FLAGS})}, got {f!r}")
+        if f not in FLAGS and f not in ENV_FLAGS and not PF_FLAG.match(f):
+            raise ValueError(f"run flag must be one of {sorted({**FLAGS, **ENV_FLAGS})} or "
+                             f"pf<BLOCK_M>x<TILE_N>x<WARPS>[s<STAGES>], got {f!r}")
     return kind, cfg, flags
 
 
@@ -127,7 +148,7 @@ def main(argv=None):
                + ["--model", os.path.join(models, cfg), "--tokenizer", tokenizer,
                   "--load-format", "dummy", "--output-json", out_json]
                + [x for f in flags for x in FLAGS.get(f, [])] + shlex.split(args.extra))
-        env_set = {k: v for f in flags for k, v in ENV_FLAGS.get(f, {}).items()}
+        env_set = {k: v for f in flags for k, v in flag_env(f).items()}
         t = time.time()
         # cwd outside the repo: the folder triton_kernels/ must not shadow vLLM's module.
         try:

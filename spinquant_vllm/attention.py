@@ -33,6 +33,7 @@ import torch
 
 from spinquant_kernels.attention import (
     kv4_decode_attention,
+    kv4_mixed_attention,
     kv4_mixed_attention_dense,
     kv4_prefill_attention,
 )
@@ -59,11 +60,40 @@ logger = logging.getLogger(__name__)
 # vLLM's name for the 4-bit per-(token, head) page layout that we reuse.
 KV_CACHE_DTYPE = "int4_per_token_head"
 BACKEND_CLASS_PATH = "spinquant_vllm.attention.SpinQuantKV4Backend"
-# Batches with prefill rows: "triton" (default) reads the 4-bit cache per query
-# block; "dense" dequantizes each prefill sequence once and runs varlen flash,
-# the batch's decode rows going to the decode kernel (experimental, for A/B
-# runs: docs/KV_CACHE.md).
+# Batches with prefill rows: "triton" (default) sends the batch's one-row
+# sequences (decodes) to the decode kernel and the others to the Triton prefill
+# kernel, which reads the 4-bit cache per query block (kv4_mixed_attention,
+# decided on the device); "triton_whole" runs the whole batch through the
+# prefill kernel (the behaviour before session 7); "dense" dequantizes each
+# prefill sequence once and runs varlen flash, the decode rows going to the
+# decode kernel. The last two are for A/B runs (docs/KV_CACHE.md).
 PREFILL_ENV = "SPINQUANT_KV4_PREFILL"
+PREFILL_MODES = ("triton", "triton_whole", "dense")
+# How the attention kernels turn 4-bit codes into tensor-core operands:
+# "sub", "fold" or "magic" (spinquant_kernels.attention.kv4_prefill_attention).
+UNPACK_ENV = "SPINQUANT_KV4_UNPACK"
+UNPACK_DEFAULT = "sub"
+# The prefill kernel's tiles, "BLOCK_M,TILE_N,WARPS[,STAGES]" (default: the kernel's own).
+PREFILL_CFG_ENV = "SPINQUANT_KV4_PREFILL_CFG"
+
+
+def prefill_cfg_from_env() -> dict:
+    """kv4_prefill_attention keyword arguments from ``$SPINQUANT_KV4_PREFILL_CFG``."""
+    text = os.environ.get(PREFILL_CFG_ENV, "").strip()
+    if not text:
+        return {}
+    parts = text.split(",")
+    try:
+        vals = [int(x) for x in parts]
+    except ValueError:
+        vals = []
+    if len(vals) not in (3, 4) or min(vals) < 1 or any(v & (v - 1) for v in vals[:3]):
+        raise ValueError(f"{PREFILL_CFG_ENV} must be BLOCK_M,TILE_N,WARPS[,STAGES] (powers of two, "
+                         f"stages >= 1), got {text!r}")
+    kw = {"block_m": vals[0], "tile_n": vals[1], "num_warps": vals[2]}
+    if len(vals) == 4:
+        kw["num_stages"] = vals[3]
+    return kw
 
 _registered = False
 
@@ -266,9 +296,14 @@ class SpinQuantKV4Impl(AttentionImpl):
                              f"dividing head_size={head_size}")
         self._had: dict[torch.dtype, tuple] = {}
         self.prefill_mode = os.environ.get(PREFILL_ENV, "triton")
-        if self.prefill_mode not in ("triton", "dense"):
-            raise ValueError(f"{PREFILL_ENV} must be 'triton' or 'dense', "
+        if self.prefill_mode not in PREFILL_MODES:
+            raise ValueError(f"{PREFILL_ENV} must be one of {', '.join(PREFILL_MODES)}, "
                              f"got {self.prefill_mode!r}")
+        self.unpack = os.environ.get(UNPACK_ENV, UNPACK_DEFAULT)
+        if self.unpack not in ("sub", "fold", "magic"):
+            raise ValueError(f"{UNPACK_ENV} must be one of sub, fold, magic, "
+                             f"got {self.unpack!r}")
+        self.prefill_kw = {"unpack": self.unpack, **prefill_cfg_from_env()}
 
     def _hadamard(self, dtype: torch.dtype, device: torch.device) -> tuple:
         """(halves for the write kernel, permuted matrix for the attention kernels,
@@ -315,24 +350,32 @@ class SpinQuantKV4Impl(AttentionImpl):
             # default splits depend on the batch size only: CUDA-graph safe
             kv4_decode_attention(
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
-                out=out, had_size=self.had_size, hadamard=had)
+                out=out, had_size=self.had_size, hadamard=had, unpack=self.unpack)
         elif self.prefill_mode == "dense" and q.is_cuda:
             kv4_mixed_attention_dense(
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale, out=out,
                 had_size=self.had_size, hadamard_perm=had, hadamard_full=hads[2])
-        else:
+        elif self.prefill_mode == "triton_whole":
             kv4_prefill_attention(
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
-                attn_metadata.max_query_len, out=out, had_size=self.had_size, hadamard=had)
+                attn_metadata.max_query_len, out=out, had_size=self.had_size, hadamard=had,
+                **self.prefill_kw)
+        else:
+            kv4_mixed_attention(
+                q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
+                attn_metadata.max_query_len, out=out, had_size=self.had_size, hadamard=had,
+                prefill_kw=self.prefill_kw, decode_kw={"unpack": self.unpack})
         return output
 
 
 __all__ = [
     "BACKEND_CLASS_PATH",
+    "PREFILL_CFG_ENV",
     "KV_CACHE_DTYPE",
     "SpinQuantKV4Backend",
     "SpinQuantKV4Impl",
     "SpinQuantKV4MetadataBuilder",
     "get_attention_quant_method",
+    "prefill_cfg_from_env",
     "register_attention_backend",
 ]

@@ -7,6 +7,8 @@ Two Triton kernels, both causal with GQA, dequantizing in registers:
 * :func:`kv4_prefill_attention`: varlen queries that are the last ``q_len``
   positions of each sequence (prefill with cached context, chunked prefill,
   mixed batches); the new tokens' K/V must already be in the cache.
+  :func:`kv4_mixed_attention` runs both on a mixed batch (vLLM's chunked
+  prefill), each skipping the other's sequences, decided on the device.
 
 Both apply the query half of R3: the wrapper multiplies q by the +-1 matrix
 (one small GEMM, columns ordered even-then-odd) and the kernel folds ``1 /
@@ -114,6 +116,20 @@ def _rotated_query(q: torch.Tensor, had_size: int | None, hadamard: torch.Tensor
     return torch.matmul(q.to(dt), hp), dt
 
 
+_UNPACK_MODES = {"sub": 0, "fold": 1, "magic": 2}
+
+
+def _unpack_mode(fold_zero: bool, unpack: str | None) -> int:
+    """The kernels' UNPACK constant from the public ``fold_zero`` / ``unpack`` arguments."""
+    if unpack is None:
+        return 1 if fold_zero else 0
+    if unpack not in _UNPACK_MODES:
+        raise ValueError(f"unpack must be one of {sorted(_UNPACK_MODES)} (or None), got {unpack!r}")
+    if fold_zero and unpack != "fold":
+        raise ValueError(f"fold_zero=True asks for unpack='fold', got unpack={unpack!r}")
+    return _UNPACK_MODES[unpack]
+
+
 # ----------------------------------------------------------------------------
 # Triton building blocks
 # ----------------------------------------------------------------------------
@@ -131,9 +147,13 @@ def _load_query(qr_row_ptrs, row_ok, q_mul, HEAD_DIM: tl.constexpr, HALF_PAD: tl
 
 @triton.jit
 def _tile_rows(bt_row_ptr, kpos, kmask, head, block_size,
-               stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws):
+               stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
+               MASKED: tl.constexpr):
     """Byte offset (codes) and word offset (scale words) of each token's head vector."""
-    page = tl.load(bt_row_ptr + kpos // block_size, mask=kmask, other=0).to(tl.int64)
+    if MASKED:
+        page = tl.load(bt_row_ptr + kpos // block_size, mask=kmask, other=0).to(tl.int64)
+    else:
+        page = tl.load(bt_row_ptr + kpos // block_size).to(tl.int64)
     off = (kpos % block_size).to(tl.int64)
     # rows are 8-byte aligned (check_kv4_cache): lets Triton vectorize the code loads
     return (tl.multiple_of(page * stride_cb + head * stride_ch + off * stride_cs, 8),
@@ -143,33 +163,50 @@ def _tile_rows(bt_row_ptr, kpos, kmask, head, block_size,
 @triton.jit
 def _load_codes(cache_ptr, word_ptr, rb, rw, kmask, PART: tl.constexpr,
                 HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, DT: tl.constexpr,
-                FOLD_ZERO: tl.constexpr):
-    """Even/odd code halves ``(TILE_N, HALF_PAD)`` in DT, scales and zero points + 8.
+                UNPACK: tl.constexpr, MASKED: tl.constexpr):
+    """Even/odd code halves ``(TILE_N, HALF_PAD)`` in DT, scales, and the offset to remove.
 
-    FOLD_ZERO False: the halves hold ``c - z`` (the zero point applied per
-    element). True: they hold ``c + 8`` in [0, 15] and the caller removes
-    ``(z + 8)`` with one correction per score / per output row.
+    UNPACK 0 (``sub``): the halves hold ``c - z`` (zero point applied per
+    element; offset unused). 1 (``fold``): they hold ``c + 8`` in [0, 15],
+    converted int -> float; the caller removes ``z + 8`` with one correction
+    per score / per output row. 2 (``magic``): they hold ``128 + c + 8``,
+    built by OR-ing the nibble into the mantissa of bf16 128.0 (exact: bf16
+    steps by 1 in [128, 256)), so no int -> float conversion at all; the
+    offset is ``136 + z``.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     j = tl.arange(0, HALF_PAD)
     if HALF_PAD == HALF:
-        p = tl.load(cache_ptr + rb[:, None] + PART * HALF + j[None, :], mask=kmask[:, None],
-                    other=0).to(tl.int32)
+        if MASKED:
+            p = tl.load(cache_ptr + rb[:, None] + PART * HALF + j[None, :], mask=kmask[:, None],
+                        other=0).to(tl.int32)
+        else:
+            p = tl.load(cache_ptr + rb[:, None] + PART * HALF + j[None, :]).to(tl.int32)
     else:
         p = tl.load(cache_ptr + rb[:, None] + PART * HALF + j[None, :],
                     mask=kmask[:, None] & (j < HALF)[None, :], other=0).to(tl.int32)
-    w = tl.load(word_ptr + rw + HEAD_DIM // 4 + PART, mask=kmask, other=0)
+    if MASKED:
+        w = tl.load(word_ptr + rw + HEAD_DIM // 4 + PART, mask=kmask, other=0)
+    else:
+        w = tl.load(word_ptr + rw + HEAD_DIM // 4 + PART)
     scale = (w & -16).to(tl.float32, bitcast=True)
     zp8 = (w & 15) ^ 8
     # a centred nibble c stored as 4-bit two's complement n: c + 8 = n ^ 8
-    if FOLD_ZERO:
+    if UNPACK == 2:
+        # 0x4300 is bf16 128.0; its low 7 mantissa bits are free for the nibble
+        ce = ((p & 15) ^ 0x4308).to(tl.int16).to(tl.bfloat16, bitcast=True).to(DT)
+        co = (((p >> 4) & 15) ^ 0x4308).to(tl.int16).to(tl.bfloat16, bitcast=True).to(DT)
+        zo = (zp8 + 128).to(tl.float32)
+    elif UNPACK == 1:
         pb = p ^ 0x88
         ce = (pb & 15).to(tl.float32).to(DT)
         co = (pb >> 4).to(tl.float32).to(DT)
+        zo = zp8.to(tl.float32)
     else:
         ce = (((p & 15) ^ 8) - zp8[:, None]).to(tl.float32).to(DT)
         co = ((((p >> 4) & 15) ^ 8) - zp8[:, None]).to(tl.float32).to(DT)
-    return ce, co, scale, zp8.to(tl.float32)
+        zo = zp8.to(tl.float32)
+    return ce, co, scale, zo
 
 
 @triton.jit
@@ -177,30 +214,36 @@ def _attend_tile(qe, qo, qsum, m_i, l_i, acc_e, acc_o, valid,
                  cache_ptr, word_ptr, bt_row_ptr, kpos, kmask, head, block_size,
                  stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
                  HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, DT: tl.constexpr,
-                 DOT_IEEE: tl.constexpr, FOLD_ZERO: tl.constexpr):
+                 DOT_IEEE: tl.constexpr, UNPACK: tl.constexpr, MASKED: tl.constexpr):
     """One online-softmax step (base 2) over a tile of keys; ``valid (R, TILE_N)``.
 
-    ``qsum (R,)``: row sums of the rotated query in DT precision (FOLD_ZERO only).
+    ``qsum (R,)``: row sums of the rotated query in DT precision (UNPACK 1 and 2).
+    MASKED False: every key of the tile exists and every row may see it (``valid``
+    and ``kmask`` are not read; the causal interior of a prefill block).
     """
     rb, rw = _tile_rows(bt_row_ptr, kpos, kmask, head, block_size,
-                        stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws)
+                        stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
+                        MASKED)
     ke, ko, ks, kz = _load_codes(cache_ptr, word_ptr, rb, rw, kmask, 0, HEAD_DIM, HALF_PAD, DT,
-                                 FOLD_ZERO)
+                                 UNPACK, MASKED)
     if DOT_IEEE:
         s = tl.dot(qe, tl.trans(ke), input_precision="ieee")
         s = tl.dot(qo, tl.trans(ko), s, input_precision="ieee")
     else:
         s = tl.dot(qe, tl.trans(ke))
         s = tl.dot(qo, tl.trans(ko), s)
-    if FOLD_ZERO:
+    if UNPACK != 0:
         s = s - qsum[:, None] * kz[None, :]
-    s = tl.where(valid, s * ks[None, :], float("-inf"))
+    if MASKED:
+        s = tl.where(valid, s * ks[None, :], float("-inf"))
+    else:
+        s = s * ks[None, :]
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     ve, vo, vs, vz = _load_codes(cache_ptr, word_ptr, rb, rw, kmask, 1, HEAD_DIM, HALF_PAD,
-                                 DT, FOLD_ZERO)
+                                 DT, UNPACK, MASKED)
     pv = (p * vs[None, :]).to(DT)
     if DOT_IEEE:
         acc_e = tl.dot(pv, ve, acc_e * alpha[:, None], input_precision="ieee")
@@ -208,7 +251,7 @@ def _attend_tile(qe, qo, qsum, m_i, l_i, acc_e, acc_o, valid,
     else:
         acc_e = tl.dot(pv, ve, acc_e * alpha[:, None])
         acc_o = tl.dot(pv, vo, acc_o * alpha[:, None])
-    if FOLD_ZERO:
+    if UNPACK != 0:
         # the same rounded weights the product used, so the correction cancels exactly
         corr = tl.sum(pv.to(tl.float32) * vz[None, :], axis=1)
         acc_e = acc_e - corr[:, None]
@@ -233,7 +276,8 @@ def _kv4_decode_kernel(
     NUM_HEADS: tl.constexpr, QPK: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
-    DT: tl.constexpr, DOT_IEEE: tl.constexpr, FOLD_ZERO: tl.constexpr,
+    DT: tl.constexpr, DOT_IEEE: tl.constexpr, UNPACK: tl.constexpr,
+    SINGLE_ONLY: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -243,6 +287,9 @@ def _kv4_decode_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     if q_len == 0:  # padding entry of a CUDA-graph batch
         return
+    if SINGLE_ONLY:  # a mixed batch: sequences with several query rows go to the prefill kernel
+        if q_len != 1:
+            return
 
     # ---- this split's share of the context ---------------------------------
     # at least MIN_SPLIT tokens per split: short contexts use fewer splits (the
@@ -280,7 +327,7 @@ def _kv4_decode_kernel(
             qe, qo, qsum, m_i, l_i, acc_e, acc_o, row_ok[:, None] & kmask[None, :],
             cache_ptr, word_ptr, bt_row, kpos, kmask, kvh, block_size,
             stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
-            HEAD_DIM, HALF_PAD, DT, DOT_IEEE, FOLD_ZERO)
+            HEAD_DIM, HALF_PAD, DT, DOT_IEEE, UNPACK, True)
 
     # ---- write: final output (one split) or partials -------------------------
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -308,13 +355,17 @@ def _kv4_decode_reduce_kernel(
     out_ptr, cu_q_ptr, part_acc_ptr, part_ml_ptr,
     stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SINGLE_ONLY: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_row = tl.load(cu_q_ptr + seq)
-    if tl.load(cu_q_ptr + seq + 1) == q_row:
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_row
+    if q_len == 0:
         return
+    if SINGLE_ONLY:
+        if q_len != 1:
+            return
     HALF: tl.constexpr = HEAD_DIM // 2
     sp = tl.arange(0, NUM_SPLITS)
     j = tl.arange(0, HALF_PAD)
@@ -367,7 +418,8 @@ def kv4_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
                          had_size: int | None = None,
                          hadamard: torch.Tensor | None = None,
                          tile_n: int = 128, min_split: int = 256, num_warps: int = 4,
-                         fold_zero: bool = False) -> torch.Tensor:
+                         fold_zero: bool = False, unpack: str | None = None,
+                         single_rows_only: bool = False, q_rotated: bool = False) -> torch.Tensor:
     """Decode attention (one query per sequence) over the 4-bit paged cache.
 
     ``q (num_tokens, num_heads, head_dim)`` fp32/fp16/bf16, NOT rotated (R3 is
@@ -383,13 +435,19 @@ def kv4_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     :func:`default_num_splits`) splits the context, each split covering at
     least ``min_split`` tokens; ``tile_n`` keys per inner step; ``fold_zero``
     moves the zero point out of the per-element unpack (one correction per
-    score and per output row instead; same result up to float rounding).
+    score and per output row instead; same result up to float rounding);
+    ``unpack`` names the code unpacking instead (``sub``, ``fold`` or
+    ``magic``, see :func:`kv4_prefill_attention`). ``single_rows_only``: the
+    batch may hold sequences with several query rows (a mixed batch); they are
+    skipped (rows untouched), the others answered (:func:`kv4_mixed_attention`).
+    ``q_rotated``: q is already ``q @ hadamard`` in the dot dtype (``hadamard`` unused).
     Equivalent to :func:`kv4_decode_attention_ref`.
     """
+    mode = _unpack_mode(fold_zero, unpack)
     out, num_kv_heads, T, Hq, D, S = _check_varlen(q, kv_cache, block_table, seq_lens, cu_seqlens_q, out)
     if S == 0:
         return out
-    qr, dt = _rotated_query(q, had_size, hadamard)
+    qr, dt = (q, q.dtype) if q_rotated else _rotated_query(q, had_size, hadamard)
     qpk = Hq // num_kv_heads
     splits = (default_num_splits(S, num_kv_heads, num_sms(q.device)) if num_splits is None
               else int(num_splits))
@@ -415,12 +473,14 @@ def kv4_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
         NUM_HEADS=Hq, QPK=qpk, ROWS=max(16, triton.next_power_of_2(qpk)),
         HEAD_DIM=D, HALF_PAD=half_pad,
         TILE_N=tile_n, NUM_SPLITS=splits, MIN_SPLIT=max(1, int(min_split)), DT=tl_dt,
-        DOT_IEEE=dt == torch.float32, FOLD_ZERO=bool(fold_zero), num_warps=num_warps,
+        DOT_IEEE=dt == torch.float32, UNPACK=mode, SINGLE_ONLY=bool(single_rows_only),
+        num_warps=num_warps,
     )
     if splits > 1:
         _kv4_decode_reduce_kernel[(S, Hq)](
             out, cu_seqlens_q, part_acc, part_ml, out.stride(0), out.stride(1),
-            NUM_HEADS=Hq, HEAD_DIM=D, HALF_PAD=half_pad, NUM_SPLITS=splits, num_warps=4,
+            NUM_HEADS=Hq, HEAD_DIM=D, HALF_PAD=half_pad, NUM_SPLITS=splits,
+            SINGLE_ONLY=bool(single_rows_only), num_warps=4,
         )
     return out
 
@@ -440,15 +500,26 @@ def _kv4_prefill_kernel(
     # meta-parameters
     QPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
-    TILE_N: tl.constexpr, DT: tl.constexpr, DOT_IEEE: tl.constexpr, FOLD_ZERO: tl.constexpr,
+    TILE_N: tl.constexpr, DT: tl.constexpr, DOT_IEEE: tl.constexpr, UNPACK: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr, SKIP_SINGLE: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    qblk = tl.program_id(1)
+    qid = tl.program_id(1)
     kvh = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + seq)
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
-    if qblk * BLOCK_Q >= q_len:
+    n_qblk = tl.cdiv(q_len, BLOCK_Q)
+    if qid >= n_qblk:
         return
+    if SKIP_SINGLE:  # one query row: left to the decode kernel (kv4_mixed_attention)
+        if q_len == 1:
+            return
+    # programs start in grid order: give the first ones the last (longest, causal) blocks so
+    # the short ones fill the tail of the launch
+    if HEAVY_FIRST:
+        qblk = n_qblk - 1 - qid
+    else:
+        qblk = qid
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_len = seq_len - q_len
 
@@ -468,9 +539,18 @@ def _kv4_prefill_kernel(
     acc_o = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     n = tl.arange(0, TILE_N)
-    # causal: the last query of this block sees keys [0, ctx_len + last_tok]
+    # causal: every row of this block sees keys [0, ctx_len + first_tok); the last row sees
+    # keys up to ctx_len + last_tok. Whole tiles below the first bound need no mask.
     kv_end = tl.minimum(seq_len, ctx_len + (qblk + 1) * BLOCK_Q)
-    for t0 in range(0, kv_end, TILE_N):
+    full_end = ((ctx_len + qblk * BLOCK_Q) // TILE_N) * TILE_N
+    for t0 in range(0, full_end, TILE_N):
+        kpos = t0 + n
+        m_i, l_i, acc_e, acc_o = _attend_tile(
+            qe, qo, qsum, m_i, l_i, acc_e, acc_o, row_ok[:, None],
+            cache_ptr, word_ptr, bt_row, kpos, kpos < kv_end, kvh, block_size,
+            stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
+            HEAD_DIM, HALF_PAD, DT, DOT_IEEE, UNPACK, False)
+    for t0 in range(full_end, kv_end, TILE_N):
         kpos = t0 + n
         kmask = kpos < kv_end
         valid = row_ok[:, None] & kmask[None, :] & (kpos[None, :] <= q_pos[:, None])
@@ -478,7 +558,7 @@ def _kv4_prefill_kernel(
             qe, qo, qsum, m_i, l_i, acc_e, acc_o, valid,
             cache_ptr, word_ptr, bt_row, kpos, kmask, kvh, block_size,
             stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
-            HEAD_DIM, HALF_PAD, DT, DOT_IEEE, FOLD_ZERO)
+            HEAD_DIM, HALF_PAD, DT, DOT_IEEE, UNPACK, True)
 
     HALF: tl.constexpr = HEAD_DIM // 2
     j = tl.arange(0, HALF_PAD)
@@ -496,7 +576,10 @@ def kv4_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
                           had_size: int | None = None,
                           hadamard: torch.Tensor | None = None,
                           block_m: int = 128, tile_n: int = 32, num_warps: int = 4,
-                          fold_zero: bool = False, num_stages: int | None = None) -> torch.Tensor:
+                          fold_zero: bool = False, num_stages: int | None = None,
+                          unpack: str | None = None, heavy_first: bool = True,
+                          skip_single_rows: bool = False, q_rotated: bool = False
+                          ) -> torch.Tensor:
     """Causal varlen attention for queries that end each sequence (context in the cache).
 
     ``q (num_tokens, num_heads, head_dim)`` NOT rotated; sequence ``i`` owns
@@ -506,14 +589,23 @@ def kv4_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
     arguments as :func:`kv4_decode_attention`; ``block_m`` rows (query tokens x
     the heads of one KV group) per program, ``tile_n`` keys per step,
     ``num_stages`` Triton's software-pipelining depth (None: Triton's default).
+    ``unpack``: how codes become tensor-core operands: ``sub`` (``c - z`` per
+    element, the default), ``fold`` (``c + 8``, zero point removed once per
+    score / output row; what ``fold_zero=True`` means) or ``magic`` (``136 + c``
+    as bf16 bit patterns, no int -> float conversion; same result up to float
+    rounding). ``heavy_first`` launches each sequence's longest causal blocks
+    first (same result; a scheduling choice). ``skip_single_rows`` leaves the
+    rows of one-row sequences untouched (:func:`kv4_mixed_attention` gives them
+    to the decode kernel); ``q_rotated`` as :func:`kv4_decode_attention`.
     Equivalent to :func:`kv4_prefill_attention_ref`.
     """
+    mode = _unpack_mode(fold_zero, unpack)
     out, num_kv_heads, T, Hq, D, S = _check_varlen(q, kv_cache, block_table, seq_lens, cu_seqlens_q, out)
     if S == 0 or max_query_len <= 0:
         return out
     if num_stages is not None and int(num_stages) < 1:
         raise ValueError(f"num_stages must be >= 1 (or None for Triton's default), got {num_stages}")
-    qr, dt = _rotated_query(q, had_size, hadamard)
+    qr, dt = (q, q.dtype) if q_rotated else _rotated_query(q, had_size, hadamard)
     qpk = Hq // num_kv_heads
     block_m = max(block_m, triton.next_power_of_2(qpk), 16)
     block_q = block_m // qpk
@@ -530,9 +622,39 @@ def kv4_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
         words.stride(0), words.stride(1), words.stride(2),
         QPK=qpk, BLOCK_M=block_m, BLOCK_Q=block_q,
         HEAD_DIM=D, HALF_PAD=triton.next_power_of_2(D // 2),
-        TILE_N=tile_n, DT=tl_dt, DOT_IEEE=dt == torch.float32, FOLD_ZERO=bool(fold_zero),
+        TILE_N=tile_n, DT=tl_dt, DOT_IEEE=dt == torch.float32, UNPACK=mode,
+        HEAVY_FIRST=bool(heavy_first), SKIP_SINGLE=bool(skip_single_rows),
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": int(num_stages)}),
     )
+    return out
+
+
+def kv4_mixed_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                        seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, sm_scale: float,
+                        max_query_len: int, out: torch.Tensor | None = None,
+                        had_size: int | None = None, hadamard: torch.Tensor | None = None,
+                        prefill_kw: dict | None = None, decode_kw: dict | None = None
+                        ) -> torch.Tensor:
+    """A batch of decodes and prefills (vLLM's chunked prefill), without a host sync.
+
+    Both kernels are launched over the whole batch: the decode kernel answers
+    the sequences with one query row (split over their context, as in a decode
+    step) and skips the others; the prefill kernel answers the others and skips
+    the one-row sequences, which in a prefill program would fill 1 query token
+    of a ``block_m``-row tile and walk the whole context alone. Which sequence
+    is which is decided on the device. Arguments as
+    :func:`kv4_prefill_attention`; ``prefill_kw`` / ``decode_kw`` go to the two
+    kernels. Equivalent to :func:`kv4_prefill_attention_ref`.
+    """
+    out, *_ = _check_varlen(q, kv_cache, block_table, seq_lens, cu_seqlens_q, out)
+    qr, _ = _rotated_query(q, had_size, hadamard)   # once for both kernels
+    kv4_decode_attention(qr, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale, out=out,
+                         had_size=had_size, single_rows_only=True, q_rotated=True,
+                         **(decode_kw or {}))
+    if max_query_len > 1:
+        kv4_prefill_attention(qr, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
+                              max_query_len, out=out, had_size=had_size, skip_single_rows=True,
+                              q_rotated=True, **(prefill_kw or {}))
     return out
 
 
@@ -698,7 +820,7 @@ def kv4_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tabl
                              had_size: int | None = None,
                              hadamard: torch.Tensor | None = None,
                              tile_n: int = 128, min_split: int = 256, num_warps: int = 4,
-                             fold_zero: bool = False) -> torch.Tensor:
+                             fold_zero: bool = False, unpack: str | None = None) -> torch.Tensor:
     """Plain-PyTorch twin of :func:`kv4_decode_attention` (fp32 sdpa on the dequantized cache)."""
     _check_common(q, kv_cache, block_table, seq_lens, kv_cache.shape[1])
     out = torch.empty_like(q) if out is None else out
@@ -712,8 +834,23 @@ def kv4_prefill_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tab
                               had_size: int | None = None,
                               hadamard: torch.Tensor | None = None,
                               block_m: int = 128, tile_n: int = 32, num_warps: int = 4,
-                              fold_zero: bool = False) -> torch.Tensor:
+                              fold_zero: bool = False, num_stages: int | None = None,
+                              unpack: str | None = None, heavy_first: bool = True
+                              ) -> torch.Tensor:
     """Plain-PyTorch twin of :func:`kv4_prefill_attention`."""
+    _check_common(q, kv_cache, block_table, seq_lens, kv_cache.shape[1])
+    out = torch.empty_like(q) if out is None else out
+    return _attention_ref(q, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
+                          had_size, out)
+
+
+def kv4_mixed_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                            seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, sm_scale: float,
+                            max_query_len: int, out: torch.Tensor | None = None,
+                            had_size: int | None = None, hadamard: torch.Tensor | None = None,
+                            prefill_kw: dict | None = None, decode_kw: dict | None = None
+                            ) -> torch.Tensor:
+    """Plain-PyTorch twin of :func:`kv4_mixed_attention`."""
     _check_common(q, kv_cache, block_table, seq_lens, kv_cache.shape[1])
     out = torch.empty_like(q) if out is None else out
     return _attention_ref(q, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
@@ -739,6 +876,8 @@ __all__ = [
     "default_num_splits",
     "kv4_decode_attention",
     "kv4_decode_attention_ref",
+    "kv4_mixed_attention",
+    "kv4_mixed_attention_ref",
     "kv4_prefill_attention",
     "kv4_mixed_attention_dense",
     "kv4_prefill_attention_dense",

@@ -21,6 +21,8 @@
 #   server    -                              openai-client check + overhead sweep on /tmp/ckpt/w4a4kv4
 #   server8b  .gpu-carry/llama8b             the same on the Llama-3-8B-shaped checkpoint (dummy weights)
 #   kv        -                              benchmarks/kv_attention.py
+#   kvpre     -                              its prefill variants + mixed-batch step only (KV_SECTIONS)
+#   kvtests   -                              the KV GPU tests in the foreground
 #   accbg     .gpu-carry/b                   the missing learned jobs, one background accuracy.py process
 #   accwait   -                              poll them (up to 560 s) and collect what they wrote
 #   tp8b lat8b tpkv8b  .gpu-carry/llama8b    vllm bench throughput / latency side by side, every config
@@ -276,6 +278,18 @@ gputests)
 kv)
   setup
   python3 benchmarks/kv_attention.py --out /tmp/res/kv 2>&1 | tail -30
+  collect ;;
+kvpre)
+  # issue 5: the prefill variants and the mixed-batch step only (KV_SECTIONS overrides)
+  setup
+  timeout 540 python3 benchmarks/kv_attention.py --out /tmp/res/kv --sections ${KV_SECTIONS:-prefill mixed} \
+     --tag "${KV_TAG:-_pre}" 2>&1 | grep -v "^{" | tail -45
+  collect ;;
+kvtests)
+  # the KV GPU tests alone (attention kernels, write, backend), foreground
+  setup; repo=$(pwd)
+  (cd /tmp && timeout 500 pytest "$repo/tests/kv" -m gpu -q \
+     -p no:cacheprovider -rfE > /tmp/res/pytest_gpu_kv.log 2>&1); tail -8 /tmp/res/pytest_gpu_kv.log
   collect ;;
 kern)
   # kernel timings on a quiet GPU (no vLLM needed), in two parts merged into kernels_h100.json

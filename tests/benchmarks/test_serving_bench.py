@@ -12,7 +12,9 @@ import json, os, sys
 argv = sys.argv[1:]
 with open(argv[argv.index("--output-json") + 1], "w") as f:
     json.dump({"avg_latency": 0.25, "argv": argv,
-               "prefill_env": os.environ.get("SPINQUANT_KV4_PREFILL")}, f)
+               "prefill_env": os.environ.get("SPINQUANT_KV4_PREFILL"),
+               "cfg_env": os.environ.get("SPINQUANT_KV4_PREFILL_CFG"),
+               "unpack_env": os.environ.get("SPINQUANT_KV4_UNPACK")}, f)
 print("Model loading took 5.22 GiB and 1.0 s")
 print("GPU KV cache size: 1,234 tokens")
 sys.exit(3 if "--fail" in argv else 0)
@@ -53,6 +55,17 @@ def test_env_flags_set_the_run_environment_only(bench):
     assert dense["cmd"].startswith("SPINQUANT_KV4_PREFILL=dense ")
     assert "denseprefill" not in " ".join(dense["result"]["argv"])
     assert plain["result"]["prefill_env"] is None and plain["env"] == {}
+
+
+def test_prefill_tile_and_unpack_flags(bench):
+    """+pf<M>x<N>x<W>[s<S>] and +kvmagic set the KV4 kernel settings of that run only."""
+    doc = bench("--runs", "lat1:bf16+pf256x64x8s2+kvmagic", "lat1:bf16+pf64x32x4")
+    a, b = doc["runs"]["lat1:bf16+pf256x64x8s2+kvmagic"], doc["runs"]["lat1:bf16+pf64x32x4"]
+    assert a["env"] == {"SPINQUANT_KV4_PREFILL_CFG": "256,64,8,2", "SPINQUANT_KV4_UNPACK": "magic"}
+    assert (a["result"]["cfg_env"], a["result"]["unpack_env"]) == ("256,64,8,2", "magic")
+    assert (b["result"]["cfg_env"], b["result"]["unpack_env"]) == ("64,32,4", None)
+    with pytest.raises(ValueError, match="pf<BLOCK_M>x<TILE_N>x<WARPS>"):
+        bench("--runs", "lat1:bf16+pf256x64")
 
 
 def test_skip_done_reruns_only_failed_runs(bench):

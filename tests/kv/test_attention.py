@@ -91,14 +91,17 @@ def test_decode_skips_padding_entries():
 
 
 PREFILL_CASES = [
-    # (Hkv, Hq, D, seq_lens, q_lens, fold_zero)
-    (3, 9, 64, [5, 40, 33, 1], [5, 7, 33, 1], False),   # fresh prompt, context + chunk, GQA 3
-    (2, 4, 128, [50, 17], [20, 16], True),
+    # (Hkv, Hq, D, seq_lens, q_lens, unpack, heavy_first)
+    (3, 9, 64, [5, 40, 33, 1], [5, 7, 33, 1], "sub", True),  # fresh prompt, context + chunk, GQA 3
+    (2, 4, 128, [50, 17], [20, 16], "fold", True),
+    (3, 9, 64, [5, 40, 33, 1], [5, 7, 33, 1], "magic", True),
+    (2, 4, 128, [97, 17], [61, 16], "magic", False),   # several query blocks: unmasked interior
+    (2, 4, 128, [97, 17], [61, 16], "sub", False),     # tiles, launched in order
 ]
 
 
-@pytest.mark.parametrize("Hkv,Hq,D,seq_lens,q_lens,fold", PREFILL_CASES)
-def test_prefill_matches_reference(Hkv, Hq, D, seq_lens, q_lens, fold):
+@pytest.mark.parametrize("Hkv,Hq,D,seq_lens,q_lens,unpack,heavy", PREFILL_CASES)
+def test_prefill_matches_reference(Hkv, Hq, D, seq_lens, q_lens, unpack, heavy):
     g = torch.Generator().manual_seed(sum(seq_lens) + D)
     dev = _device()
     cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, dev)
@@ -106,9 +109,29 @@ def test_prefill_matches_reference(Hkv, Hq, D, seq_lens, q_lens, fold):
     cu = _cu(q_lens, dev)
     scale = 1 / math.sqrt(D)
     out = at.kv4_prefill_attention(q, cache, bt, sl, cu, scale, max(q_lens), block_m=32, tile_n=16,
-                                   fold_zero=fold)
+                                   unpack=unpack, heavy_first=heavy)
     ref = at.kv4_prefill_attention_ref(q, cache, bt, sl, cu, scale, max(q_lens))
+    # magic: products carry the offset 136 + z and the correction cancels it, which costs
+    # fp32 ~136 x 2^-24 relative to the row's weight sum (1.1e-5 seen here at worst)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=3e-5 if unpack == "magic" else 1e-5)
+
+
+def test_magic_unpack_decode_and_bad_modes():
+    """The bf16 bit-pattern unpack gives the reference answer in decode too; an unknown
+    mode, or fold_zero with another mode, is refused naming the value."""
+    g = torch.Generator().manual_seed(5)
+    dev = _device()
+    cache, bt, sl, _ = _paged([1, 37, 80], 2, 64, 16, g, dev)
+    q = torch.randn(3, 6, 64, generator=g).to(dev)
+    cu = _cu([1, 1, 1], dev)
+    out = at.kv4_decode_attention(q, cache, bt, sl, cu, 0.125, num_splits=2, tile_n=16,
+                                  min_split=1, unpack="magic")
+    ref = at.kv4_decode_attention_ref(q, cache, bt, sl, cu, 0.125)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unpack must be one of .* got 'nibble'"):
+        at.kv4_decode_attention(q, cache, bt, sl, cu, 0.125, unpack="nibble")
+    with pytest.raises(ValueError, match="fold_zero=True asks for unpack='fold', got unpack='magic'"):
+        at.kv4_prefill_attention(q, cache, bt, sl, cu, 0.125, 1, fold_zero=True, unpack="magic")
 
 
 @pytest.mark.parametrize("block_m,tile_n,num_stages", [(256, 64, 2), (128, 32, None)])
@@ -127,6 +150,37 @@ def test_prefill_benchmark_settings_match_reference(block_m, tile_n, num_stages)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="num_stages must be >= 1"):
         at.kv4_prefill_attention(q, cache, bt, sl, cu, 0.125, max(q_lens), num_stages=0)
+
+
+@pytest.mark.parametrize("unpack", ["sub", "magic"])
+def test_mixed_batch_splits_on_device(unpack):
+    """kv4_mixed_attention: one-row sequences (decodes, a 1-token chunk) through the decode
+    kernel, the rest through the prefill kernel, a padding entry untouched; equal to the
+    reference, and each kernel alone leaves the other's rows as they were."""
+    g = torch.Generator().manual_seed(17)
+    dev = _device()
+    seq_lens, q_lens = [40, 1, 33, 70, 5, 0], [1, 1, 12, 1, 5, 0]
+    cache, bt, sl, _ = _paged(seq_lens, 2, 64, 16, g, dev)
+    q = torch.randn(sum(q_lens), 6, 64, generator=g).to(dev)
+    cu = _cu(q_lens, dev)
+    ref = at.kv4_mixed_attention_ref(q, cache, bt, sl, cu, 0.125, max(q_lens))
+    kw = dict(unpack=unpack, tile_n=16)
+    out = at.kv4_mixed_attention(q, cache, bt, sl, cu, 0.125, max(q_lens),
+                                 prefill_kw=dict(kw, block_m=16),
+                                 decode_kw=dict(kw, num_splits=2, min_split=1))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=3e-5)
+    single = torch.zeros(q.shape[0], dtype=torch.bool)
+    for i, n in enumerate(q_lens):
+        if n == 1:
+            single[int(cu[i])] = True
+    d = at.kv4_decode_attention(q, cache, bt, sl, cu, 0.125, out=torch.full_like(q, 7.0),
+                                single_rows_only=True, num_splits=2, min_split=1, tile_n=16)
+    p = at.kv4_prefill_attention(q, cache, bt, sl, cu, 0.125, max(q_lens),
+                                 out=torch.full_like(q, 7.0), skip_single_rows=True,
+                                 block_m=16, tile_n=16)
+    assert bool((d[~single.to(dev)] == 7.0).all()) and bool((p[single.to(dev)] == 7.0).all())
+    torch.testing.assert_close(d[single.to(dev)], ref[single.to(dev)], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(p[~single.to(dev)], ref[~single.to(dev)], rtol=1e-4, atol=1e-5)
 
 
 def test_prefill_equals_decode_on_last_token():
@@ -204,11 +258,11 @@ def test_decode_gpu_bf16(Hkv, Hq, D):
     scale = 1 / math.sqrt(D)
     ref = at.kv4_decode_attention_ref(q.float(), cache, bt, sl, cu, scale)
     tol = 2 * _bf16_sdpa_error(q, cache, bt, sl, cu, scale, ref) + 2e-3
-    for splits, min_split, fold in ((None, 256, False), (1, 128, False), (16, 1, True),
-                                    (32, 256, True)):
+    for splits, min_split, unpack in ((None, 256, "sub"), (1, 128, "sub"), (16, 1, "fold"),
+                                      (32, 256, "fold"), (None, 256, "magic")):
         out = at.kv4_decode_attention(q, cache, bt, sl, cu, scale, num_splits=splits,
-                                      min_split=min_split, fold_zero=fold)
-        assert (out.float() - ref).abs().max().item() <= tol
+                                      min_split=min_split, unpack=unpack)
+        assert (out.float() - ref).abs().max().item() <= tol, unpack
 
 
 def _bf16_case(seed, seq_lens, q_lens):
@@ -229,9 +283,12 @@ def _bf16_case(seed, seq_lens, q_lens):
 def test_prefill_gpu_bf16():
     q_lens = [1000, 45, 513]
     args, ref, tol = _bf16_case(22, [1000, 300, 2049], q_lens)
-    for fold in (False, True):
-        out = at.kv4_prefill_attention(*args, max(q_lens), fold_zero=fold)
-        assert (out.float() - ref).abs().max().item() <= tol
+    for unpack, heavy, bm, tn, nw in (("sub", True, 128, 32, 4), ("fold", True, 128, 32, 4),
+                                      ("magic", True, 128, 32, 4), ("sub", False, 128, 32, 4),
+                                      ("magic", True, 256, 64, 8)):
+        out = at.kv4_prefill_attention(*args, max(q_lens), unpack=unpack, heavy_first=heavy,
+                                       block_m=bm, tile_n=tn, num_warps=nw)
+        assert (out.float() - ref).abs().max().item() <= tol, (unpack, heavy, bm)
 
 
 @pytest.mark.gpu

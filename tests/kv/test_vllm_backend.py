@@ -173,6 +173,26 @@ def test_impl_write_and_attend_match_references():
     impl.forward(layer, q1, k1, v1, kv_cache, meta, out1)
     ref1 = at.kv4_decode_attention_ref(q1, kv_cache, block_table, seq_lens, cu1, impl.scale)
     torch.testing.assert_close(out1, ref1, rtol=1e-4, atol=1e-5)
+    # a mixed step (chunked prefill): sequence 0 decodes, sequence 1 gets a 4-token chunk;
+    # every prefill mode and unpacking the impl offers gives the reference answer
+    q2 = torch.randn(5, Hq, D, generator=g).to(dev)
+    k2 = torch.randn(5, Hkv, D, generator=g).to(dev)
+    v2 = torch.randn(5, Hkv, D, generator=g).to(dev)
+    s2 = torch.tensor([block_table[0, 1] * bs + 5] + [block_table[1, 0] * bs + 8 + i
+                                                      for i in range(4)], device=dev)
+    impl.do_kv_cache_update(layer, k2, v2, kv_cache, s2)
+    seq_lens = seq_lens + torch.tensor([1, 4], dtype=torch.int32, device=dev)
+    cu2 = torch.tensor([0, 1, 5], dtype=torch.int32, device=dev)
+    meta = types.SimpleNamespace(num_actual_tokens=5, max_query_len=4, query_start_loc=cu2,
+                                 seq_lens=seq_lens, block_table=block_table, slot_mapping=s2)
+    ref2 = at.kv4_prefill_attention_ref(q2, kv_cache, block_table, seq_lens, cu2, impl.scale, 4)
+    modes = [("triton", "sub"), ("triton", "magic"), ("triton_whole", "fold")]
+    for impl.prefill_mode, impl.unpack in modes:
+        impl.prefill_kw = {"unpack": impl.unpack, "block_m": 16, "tile_n": 16}
+        out2 = torch.full((5, Hq, D), 7.0, device=dev)
+        impl.forward(layer, q2, k2, v2, kv_cache, meta, out2)
+        torch.testing.assert_close(out2, ref2, rtol=1e-4, atol=3e-5,
+                                   msg=lambda m: f"{impl.prefill_mode}/{impl.unpack}: {m}")
     # profiling run: no metadata
     assert impl.forward(layer, q1, k1, v1, kv_cache, None, out1).abs().sum() == 0
 
@@ -182,4 +202,19 @@ def test_prefill_mode_env_is_checked(monkeypatch):
     assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).prefill_mode == "dense"
     monkeypatch.setenv(sa.PREFILL_ENV, "fast")
     with pytest.raises(ValueError, match=sa.PREFILL_ENV):
+        sa.SpinQuantKV4Impl(8, 64, 0.125, 2)
+    monkeypatch.setenv(sa.PREFILL_ENV, "triton_whole")
+    monkeypatch.setenv(sa.UNPACK_ENV, "magic")
+    impl = sa.SpinQuantKV4Impl(8, 64, 0.125, 2)
+    assert (impl.prefill_mode, impl.unpack) == ("triton_whole", "magic")
+    monkeypatch.setenv(sa.PREFILL_CFG_ENV, "256,64,8,2")
+    assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).prefill_kw == {
+        "unpack": "magic", "block_m": 256, "tile_n": 64, "num_warps": 8, "num_stages": 2}
+    for bad in ("256,64", "256,48,8", "a,b,c", "128,32,4,0"):
+        monkeypatch.setenv(sa.PREFILL_CFG_ENV, bad)
+        with pytest.raises(ValueError, match=f"{sa.PREFILL_CFG_ENV} must be .* got '{bad}'"):
+            sa.SpinQuantKV4Impl(8, 64, 0.125, 2)
+    monkeypatch.delenv(sa.PREFILL_CFG_ENV)
+    monkeypatch.setenv(sa.UNPACK_ENV, "nibbles")
+    with pytest.raises(ValueError, match=f"{sa.UNPACK_ENV} must be one of .* got 'nibbles'"):
         sa.SpinQuantKV4Impl(8, 64, 0.125, 2)
