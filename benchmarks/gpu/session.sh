@@ -282,7 +282,7 @@ kv)
 kvpre)
   # issue 5: the prefill variants and the mixed-batch step only (KV_SECTIONS overrides)
   setup
-  timeout 540 python3 benchmarks/kv_attention.py --out /tmp/res/kv --sections ${KV_SECTIONS:-prefill mixed} \
+  timeout 540 python3 benchmarks/kv_attention.py --out /tmp/res/kv ${KV_QUICK---quick} --sections ${KV_SECTIONS:-prefill mixed} \
      --tag "${KV_TAG:-_pre}" 2>&1 | grep -v "^{" | tail -45
   collect ;;
 kvtests)
