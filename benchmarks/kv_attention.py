@@ -341,6 +341,15 @@ def prefill_case(name, L, gen, dev) -> dict:
     return res
 
 
+MIXED_SETS = {
+    "one": [{}],
+    "serving": [{}, {"decodes": 480, "ctx": 4352, "chunks": ((8192, 0), (8192, 0))},
+                {"decodes": 480, "ctx": 2048, "chunks": ((4096, 0),) * 4},
+                {"decodes": 32, "ctx": 4352, "chunks": ((4096, 0),) * 4},
+                {"decodes": 480, "ctx": 4352, "chunks": ((512, 3584),)}],
+}
+
+
 def mixed_case(name, gen, dev, decodes: int = 256, ctx: int = 4352,
                chunks=((4096, 0), (4096, 0), (4096, 0), (3000, 1096))) -> dict:
     """A chunked-prefill step as vLLM schedules it in the 4096-in / 512-out run: ``decodes``
@@ -385,16 +394,22 @@ def mixed_case(name, gen, dev, decodes: int = 256, ctx: int = 4352,
             q, cache, bt, sl, cu, sc, mq, out=out, hadamard=had, prefill_kw=kw, decode_kw=kw))
     res["decode_rows_only_ms"] = _bench(lambda: at.kv4_decode_attention(
         q, cache, bt, sl, cu, sc, out=out, hadamard=had, single_rows_only=True))
-    # bf16 flash over the same batch, K/V contiguous per sequence (varlen, GQA native)
+    # bf16 flash over the same batch, K/V contiguous per sequence, heads repeated for GQA (as
+    # the dense path calls it; bottom-right causal through window_size=(-1, 0)); skipped when
+    # the repeated K/V would not fit comfortably
+    tot = int(kv_lens.sum())
+    if 2 * tot * Hq * D * 2 > 24 * 2 ** 30:
+        res["bf16_varlen_flash_error"] = f"skipped: {tot} K/V tokens x {Hq} heads > 24 GiB"
+        return res
     try:
         from torch.nn.attention.varlen import varlen_attn
-        tot = int(kv_lens.sum())
-        kb = torch.randn(tot, Hkv, D, generator=gen, device=dev, dtype=torch.bfloat16)
+        kb = torch.randn(tot, Hq, D, generator=gen, device=dev, dtype=torch.bfloat16)
         vb = torch.randn_like(kb)
         cuk = torch.zeros(S + 1, dtype=torch.int32, device=dev)
         cuk[1:] = kv_lens.cumsum(0)
         res["bf16_varlen_flash_ms"] = _bench(lambda: varlen_attn(
-            q, kb, vb, cu, cuk, mq, max(seq_lens), is_causal=True, scale=sc))
+            q, kb, vb, cu, cuk, mq, max(seq_lens), scale=sc, window_size=(-1, 0)))
+        del kb, vb
     except (ImportError, RuntimeError, TypeError, ValueError) as e:
         res["bf16_varlen_flash_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return res
@@ -479,6 +494,9 @@ def main(argv=None) -> int:
                     choices=["decode", "write", "prefill", "mixed"],
                     help="which parts to time (default: all)")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
+    ap.add_argument("--mixed-set", default="one", choices=sorted(MIXED_SETS),
+                    help="mixed-batch steps to time: 'one' (the default step) or 'serving' "
+                    "(steps shaped like the 4096-in run's: more decodes, bigger chunks)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kv_attention benchmark needs a CUDA GPU", file=sys.stderr)
@@ -509,8 +527,8 @@ def main(argv=None) -> int:
             r["prefill"].append(prefill_case(name, 4096, gen, dev))
             print(json.dumps(r["prefill"][-1]), flush=True)
             save()
-        if "mixed" in sec and name == "llama3-8b":
-            r["mixed"].append(mixed_case(name, gen, dev))
+        for spec in (MIXED_SETS[args.mixed_set] if "mixed" in sec and name == "llama3-8b" else ()):
+            r["mixed"].append(mixed_case(name, gen, dev, **spec))
             print(json.dumps(r["mixed"][-1]), flush=True)
             save()
             torch.cuda.empty_cache()

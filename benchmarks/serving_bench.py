@@ -49,6 +49,8 @@ ENV_FLAGS = {
     "kvsub": {"SPINQUANT_KV4_UNPACK": "sub"},
     "kvfold": {"SPINQUANT_KV4_UNPACK": "fold"},
     "kvmagic": {"SPINQUANT_KV4_UNPACK": "magic"},
+    # GPU time of the KV4 attention calls per path, to /tmp/kv4timing/calls.<pid>.json
+    "kvtiming": {"SPINQUANT_KV4_TIMING": "/tmp/kv4timing/calls"},
     # split-K tiles back in the W4A4 GEMM's autotuning (triton_kernels/w4a4_gemm.py)
     "splitk": {"SPINQUANT_TUNE_SPLIT_K": "1"},
     # hadamard_quant's quotient (triton_kernels/hadamard_quant.py): reciprocal + FMA (the

@@ -95,7 +95,53 @@ def prefill_cfg_from_env() -> dict:
         kw["num_stages"] = vals[3]
     return kw
 
+# Diagnostics: a file path; the impl then times its attention calls with CUDA events (not
+# while a CUDA graph is being captured) and rewrites that file with per-path totals every
+# 512 timed calls. Off by default (the events and the periodic sync cost time).
+TIMING_ENV = "SPINQUANT_KV4_TIMING"
+
 _registered = False
+
+
+class _CallTimer:
+    """GPU time of the impl's attention calls, per path, flushed to a JSON file."""
+
+    def __init__(self, path: str, flush_every: int = 512):
+        self.path, self.flush_every = path, flush_every
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.pending: list = []
+        self.totals: dict = {}
+
+    def start(self):
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def stop(self, ev, key: str, tokens: int, seqs: int) -> None:
+        if ev is None:
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.pending.append((key, tokens, seqs, ev, end))
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        import json
+        torch.cuda.synchronize()
+        for key, tokens, seqs, a, b in self.pending:
+            t = self.totals.setdefault(key, {"calls": 0, "ms": 0.0, "tokens": 0, "seqs": 0})
+            t["calls"] += 1
+            t["ms"] += a.elapsed_time(b)
+            t["tokens"] += tokens
+            t["seqs"] += seqs
+        self.pending.clear()
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"pid": os.getpid(), "totals": self.totals}, f, indent=1)
+        os.replace(tmp, f"{self.path}.{os.getpid()}.json")
 
 
 # ----------------------------------------------------------------------------
@@ -304,6 +350,8 @@ class SpinQuantKV4Impl(AttentionImpl):
             raise ValueError(f"{UNPACK_ENV} must be one of sub, fold, magic, "
                              f"got {self.unpack!r}")
         self.prefill_kw = {"unpack": self.unpack, **prefill_cfg_from_env()}
+        timing = os.environ.get(TIMING_ENV, "")
+        self.timer = _CallTimer(timing) if timing else None
 
     def _hadamard(self, dtype: torch.dtype, device: torch.device) -> tuple:
         """(halves for the write kernel, permuted matrix for the attention kernels,
@@ -343,9 +391,17 @@ class SpinQuantKV4Impl(AttentionImpl):
         q = query[:n]
         out = output[:n]
         hads = self._hadamard(query.dtype, query.device)
-        had = hads[1]
         seq_lens = attn_metadata.seq_lens
         cu_q = attn_metadata.query_start_loc
+        ev = self.timer.start() if self.timer is not None and q.is_cuda else None
+        self._attend(q, kv_cache, attn_metadata, out, hads, seq_lens, cu_q)
+        if ev is not None:
+            key = "decode" if attn_metadata.max_query_len == 1 else self.prefill_mode
+            self.timer.stop(ev, key, n, seq_lens.shape[0])
+        return output
+
+    def _attend(self, q, kv_cache, attn_metadata, out, hads, seq_lens, cu_q) -> None:
+        had = hads[1]
         if attn_metadata.max_query_len == 1:
             # default splits depend on the batch size only: CUDA-graph safe
             kv4_decode_attention(
@@ -365,12 +421,12 @@ class SpinQuantKV4Impl(AttentionImpl):
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
                 attn_metadata.max_query_len, out=out, had_size=self.had_size, hadamard=had,
                 prefill_kw=self.prefill_kw, decode_kw={"unpack": self.unpack})
-        return output
 
 
 __all__ = [
     "BACKEND_CLASS_PATH",
     "PREFILL_CFG_ENV",
+    "TIMING_ENV",
     "KV_CACHE_DTYPE",
     "SpinQuantKV4Backend",
     "SpinQuantKV4Impl",

@@ -282,7 +282,7 @@ kv)
 kvpre)
   # issue 5: the prefill variants and the mixed-batch step only (KV_SECTIONS overrides)
   setup
-  timeout 540 python3 benchmarks/kv_attention.py --out /tmp/res/kv ${KV_QUICK---quick} --sections ${KV_SECTIONS:-prefill mixed} \
+  timeout 540 python3 benchmarks/kv_attention.py --out /tmp/res/kv ${KV_QUICK---quick} --sections ${KV_SECTIONS:-prefill mixed} --mixed-set ${KV_MIXED:-one} \
      --tag "${KV_TAG:-_pre}" 2>&1 | grep -v "^{" | tail -45
   collect ;;
 kvtests)
@@ -337,7 +337,8 @@ sweep)
 bench)
   # any list of serving_bench runs: RUNS="tp:bf16+fp8 lat1:bf16 ..." DEADLINE=300 session.sh bench
   setup; free_gpu
-  bench8b "${DEADLINE:-300}" ${RUNS:?RUNS must list serving_bench runs}; collect ;;
+  bench8b "${DEADLINE:-300}" ${RUNS:?RUNS must list serving_bench runs}
+  [ -d /tmp/kv4timing ] && cp -r /tmp/kv4timing /tmp/res/; collect ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
 done

@@ -292,6 +292,17 @@ def test_prefill_gpu_bf16():
 
 
 @pytest.mark.gpu
+def test_mixed_split_gpu_bf16():
+    """kv4_mixed_attention on a batch of decodes and prefill chunks, Llama-3-8B shapes in bf16."""
+    q_lens = [1, 1000, 1, 513, 1, 7]
+    args, ref, tol = _bf16_case(23, [4097, 1000, 300, 2049, 1, 40], q_lens)
+    for unpack in ("sub", "magic"):
+        out = at.kv4_mixed_attention(*args, max(q_lens), prefill_kw={"unpack": unpack},
+                                     decode_kw={"unpack": unpack})
+        assert (out.float() - ref).abs().max().item() <= tol, unpack
+
+
+@pytest.mark.gpu
 def test_prefill_dense_gpu_bf16():
     """Dequantize once + varlen flash: same answer as the reference (bottom-right causal)."""
     seq_lens, q_lens = [1000, 300, 2049, 7], [1000, 45, 513, 1]

@@ -197,7 +197,7 @@ def test_impl_write_and_attend_match_references():
     assert impl.forward(layer, q1, k1, v1, kv_cache, None, out1).abs().sum() == 0
 
 
-def test_prefill_mode_env_is_checked(monkeypatch):
+def test_prefill_mode_env_is_checked(monkeypatch, tmp_path):
     monkeypatch.setenv(sa.PREFILL_ENV, "dense")
     assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).prefill_mode == "dense"
     monkeypatch.setenv(sa.PREFILL_ENV, "fast")
@@ -215,6 +215,10 @@ def test_prefill_mode_env_is_checked(monkeypatch):
         with pytest.raises(ValueError, match=f"{sa.PREFILL_CFG_ENV} must be .* got '{bad}'"):
             sa.SpinQuantKV4Impl(8, 64, 0.125, 2)
     monkeypatch.delenv(sa.PREFILL_CFG_ENV)
+    assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).timer is None
+    monkeypatch.setenv(sa.TIMING_ENV, str(tmp_path / "t" / "calls"))
+    assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).timer.path.endswith("calls")
+    assert (tmp_path / "t").is_dir()
     monkeypatch.setenv(sa.UNPACK_ENV, "nibbles")
     with pytest.raises(ValueError, match=f"{sa.UNPACK_ENV} must be one of .* got 'nibbles'"):
         sa.SpinQuantKV4Impl(8, 64, 0.125, 2)
