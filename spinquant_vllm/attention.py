@@ -103,6 +103,16 @@ TIMING_ENV = "SPINQUANT_KV4_TIMING"
 _registered = False
 
 
+_TIMERS: dict = {}
+
+
+def _shared_timer(path: str) -> "_CallTimer":
+    """One timer per process and path, shared by every layer's impl."""
+    if path not in _TIMERS:
+        _TIMERS[path] = _CallTimer(path)
+    return _TIMERS[path]
+
+
 class _CallTimer:
     """GPU time of the impl's attention calls, per path, flushed to a JSON file."""
 
@@ -351,7 +361,7 @@ class SpinQuantKV4Impl(AttentionImpl):
                              f"got {self.unpack!r}")
         self.prefill_kw = {"unpack": self.unpack, **prefill_cfg_from_env()}
         timing = os.environ.get(TIMING_ENV, "")
-        self.timer = _CallTimer(timing) if timing else None
+        self.timer = _shared_timer(timing) if timing else None
 
     def _hadamard(self, dtype: torch.dtype, device: torch.device) -> tuple:
         """(halves for the write kernel, permuted matrix for the attention kernels,

@@ -217,7 +217,8 @@ def test_prefill_mode_env_is_checked(monkeypatch, tmp_path):
     monkeypatch.delenv(sa.PREFILL_CFG_ENV)
     assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).timer is None
     monkeypatch.setenv(sa.TIMING_ENV, str(tmp_path / "t" / "calls"))
-    assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).timer.path.endswith("calls")
+    a, b = sa.SpinQuantKV4Impl(8, 64, 0.125, 2), sa.SpinQuantKV4Impl(8, 64, 0.125, 2)
+    assert a.timer is b.timer and a.timer.path.endswith("calls")   # one per process
     assert (tmp_path / "t").is_dir()
     monkeypatch.setenv(sa.UNPACK_ENV, "nibbles")
     with pytest.raises(ValueError, match=f"{sa.UNPACK_ENV} must be one of .* got 'nibbles'"):
