@@ -355,9 +355,10 @@ def mixed_case(name, gen, dev, decodes: int = 256, ctx: int = 4352,
     """A chunked-prefill step as vLLM schedules it in the 4096-in / 512-out run: ``decodes``
     one-row sequences at ``ctx`` context next to prefill chunks ``(new tokens, cached
     context)`` (~16k tokens, vLLM's offline batch budget). Times the whole batch through the
-    prefill kernel (before session 7), kv4_mixed_attention (decode rows to the decode kernel)
-    with each unpacking, the decode rows alone, and bf16 varlen flash on contiguous K/V of the
-    same batch (the KV16 path's work, without its paging)."""
+    prefill kernel (the default path), kv4_mixed_attention (decode rows to the decode kernel)
+    with each unpacking, the decode rows alone, and torch's bf16 varlen flash on contiguous K/V
+    of the same batch with the K/V heads repeated for GQA (as the dense path calls it; a
+    reference point, not vLLM's KV16 kernel, which reads GQA heads natively from pages)."""
     Hq, Hkv, D = SHAPES[name]
     q_lens = [1] * decodes + [n for n, _ in chunks]
     seq_lens = [ctx] * decodes + [n + c for n, c in chunks]

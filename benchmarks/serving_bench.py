@@ -42,8 +42,10 @@ FLAGS = {
 ENV_FLAGS = {
     # SpinQuant KV4 prefill through dequantize + varlen flash (spinquant_vllm/attention.py)
     "denseprefill": {"SPINQUANT_KV4_PREFILL": "dense"},
-    # the whole mixed batch through the prefill kernel (before session 7) instead of its
-    # one-row sequences through the decode kernel
+    # a mixed batch's one-row sequences through the decode kernel, the rest through the prefill
+    # kernel (opt-in); "wholeprefill" names the default (the whole batch through the prefill
+    # kernel) explicitly, as session 7's A/B runs did while "split" was briefly the default
+    "splitprefill": {"SPINQUANT_KV4_PREFILL": "split"},
     "wholeprefill": {"SPINQUANT_KV4_PREFILL": "triton_whole"},
     # how the KV4 attention kernels unpack codes (spinquant_vllm/attention.py UNPACK_ENV)
     "kvsub": {"SPINQUANT_KV4_UNPACK": "sub"},

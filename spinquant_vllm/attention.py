@@ -60,15 +60,19 @@ logger = logging.getLogger(__name__)
 # vLLM's name for the 4-bit per-(token, head) page layout that we reuse.
 KV_CACHE_DTYPE = "int4_per_token_head"
 BACKEND_CLASS_PATH = "spinquant_vllm.attention.SpinQuantKV4Backend"
-# Batches with prefill rows: "triton" (default) sends the batch's one-row
-# sequences (decodes) to the decode kernel and the others to the Triton prefill
-# kernel, which reads the 4-bit cache per query block (kv4_mixed_attention,
-# decided on the device); "triton_whole" runs the whole batch through the
-# prefill kernel (the behaviour before session 7); "dense" dequantizes each
-# prefill sequence once and runs varlen flash, the decode rows going to the
-# decode kernel. The last two are for A/B runs (docs/KV_CACHE.md).
+# Batches with prefill rows: "triton" (default) runs the whole batch through the
+# Triton prefill kernel, which reads the 4-bit cache per query block (decode rows
+# of a mixed batch included); "split" sends the batch's one-row sequences
+# (decodes) to the decode kernel and the others to the prefill kernel
+# (kv4_mixed_attention, decided on the device): 1.4-2.2x less attention time
+# per mixed step, but end to end it varied between 0.73x and 1.01x of "triton"
+# (session 7, docs/KV_CACHE.md), so it is opt-in; "dense" dequantizes each
+# prefill sequence once and runs varlen flash, decode rows to the decode kernel
+# (0.90x, session 6). "triton_whole" is accepted for "triton" (the name of
+# session 7's A/B runs, when "split" was briefly the default).
 PREFILL_ENV = "SPINQUANT_KV4_PREFILL"
-PREFILL_MODES = ("triton", "triton_whole", "dense")
+PREFILL_MODES = ("triton", "split", "dense")
+_PREFILL_ALIASES = {"triton_whole": "triton"}
 # How the attention kernels turn 4-bit codes into tensor-core operands:
 # "sub", "fold" or "magic" (spinquant_kernels.attention.kv4_prefill_attention).
 UNPACK_ENV = "SPINQUANT_KV4_UNPACK"
@@ -351,7 +355,8 @@ class SpinQuantKV4Impl(AttentionImpl):
             raise ValueError(f"had_size={self.had_size} must be 0 or a Hadamard order "
                              f"dividing head_size={head_size}")
         self._had: dict[torch.dtype, tuple] = {}
-        self.prefill_mode = os.environ.get(PREFILL_ENV, "triton")
+        mode = os.environ.get(PREFILL_ENV, "triton")
+        self.prefill_mode = _PREFILL_ALIASES.get(mode, mode)
         if self.prefill_mode not in PREFILL_MODES:
             raise ValueError(f"{PREFILL_ENV} must be one of {', '.join(PREFILL_MODES)}, "
                              f"got {self.prefill_mode!r}")
@@ -421,16 +426,16 @@ class SpinQuantKV4Impl(AttentionImpl):
             kv4_mixed_attention_dense(
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale, out=out,
                 had_size=self.had_size, hadamard_perm=had, hadamard_full=hads[2])
-        elif self.prefill_mode == "triton_whole":
-            kv4_prefill_attention(
-                q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
-                attn_metadata.max_query_len, out=out, had_size=self.had_size, hadamard=had,
-                **self.prefill_kw)
-        else:
+        elif self.prefill_mode == "split":
             kv4_mixed_attention(
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
                 attn_metadata.max_query_len, out=out, had_size=self.had_size, hadamard=had,
                 prefill_kw=self.prefill_kw, decode_kw={"unpack": self.unpack})
+        else:
+            kv4_prefill_attention(
+                q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
+                attn_metadata.max_query_len, out=out, had_size=self.had_size, hadamard=had,
+                **self.prefill_kw)
 
 
 __all__ = [

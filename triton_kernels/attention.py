@@ -644,13 +644,18 @@ def kv4_mixed_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     of a ``block_m``-row tile and walk the whole context alone. Which sequence
     is which is decided on the device. Arguments as
     :func:`kv4_prefill_attention`; ``prefill_kw`` / ``decode_kw`` go to the two
-    kernels. Equivalent to :func:`kv4_prefill_attention_ref`.
+    kernels. The decode part runs unsplit (``num_splits=1``) unless
+    ``decode_kw`` says otherwise: next to a prefill there is parallelism to
+    spare, and a split count that followed the batch size would make Triton
+    compile one decode-kernel variant per count while serving (vLLM's warm-up
+    captures pure decode batches only).
+    Equivalent to :func:`kv4_prefill_attention_ref`.
     """
     out, *_ = _check_varlen(q, kv_cache, block_table, seq_lens, cu_seqlens_q, out)
     qr, _ = _rotated_query(q, had_size, hadamard)   # once for both kernels
     kv4_decode_attention(qr, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale, out=out,
                          had_size=had_size, single_rows_only=True, q_rotated=True,
-                         **(decode_kw or {}))
+                         **{"num_splits": 1, **(decode_kw or {})})
     if max_query_len > 1:
         kv4_prefill_attention(qr, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
                               max_query_len, out=out, had_size=had_size, skip_single_rows=True,

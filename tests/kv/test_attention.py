@@ -152,6 +152,30 @@ def test_prefill_benchmark_settings_match_reference(block_m, tile_n, num_stages)
         at.kv4_prefill_attention(q, cache, bt, sl, cu, 0.125, max(q_lens), num_stages=0)
 
 
+def test_mixed_batch_decodes_unsplit_by_default(monkeypatch):
+    """The decode part of a mixed batch runs with one split unless told otherwise (one
+    kernel variant to compile while serving, whatever the batch size)."""
+    seen = []
+    real = at.kv4_decode_attention
+
+    def spy(*a, **kw):
+        seen.append(kw.get("num_splits"))
+        return real(*a, **kw)
+    monkeypatch.setattr(at, "kv4_decode_attention", spy)
+    g = torch.Generator().manual_seed(3)
+    dev = _device()
+    cache, bt, sl, _ = _paged([20, 9], 1, 64, 16, g, dev)
+    q = torch.randn(1 + 9, 2, 64, generator=g).to(dev)
+    cu = _cu([1, 9], dev)
+    out = at.kv4_mixed_attention(q, cache, bt, sl, cu, 0.125, 9, prefill_kw={"block_m": 16,
+                                                                             "tile_n": 16})
+    at.kv4_mixed_attention(q, cache, bt, sl, cu, 0.125, 9, decode_kw={"num_splits": 4},
+                           prefill_kw={"block_m": 16, "tile_n": 16})
+    assert seen == [1, 4]
+    ref = at.kv4_mixed_attention_ref(q, cache, bt, sl, cu, 0.125, 9)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("unpack", ["sub", "magic"])
 def test_mixed_batch_splits_on_device(unpack):
     """kv4_mixed_attention: one-row sequences (decodes, a 1-token chunk) through the decode

@@ -186,7 +186,7 @@ def test_impl_write_and_attend_match_references():
     meta = types.SimpleNamespace(num_actual_tokens=5, max_query_len=4, query_start_loc=cu2,
                                  seq_lens=seq_lens, block_table=block_table, slot_mapping=s2)
     ref2 = at.kv4_prefill_attention_ref(q2, kv_cache, block_table, seq_lens, cu2, impl.scale, 4)
-    modes = [("triton", "sub"), ("triton", "magic"), ("triton_whole", "fold")]
+    modes = [("split", "sub"), ("split", "magic"), ("triton", "fold"), ("triton", "sub")]
     for impl.prefill_mode, impl.unpack in modes:
         impl.prefill_kw = {"unpack": impl.unpack, "block_m": 16, "tile_n": 16}
         out2 = torch.full((5, Hq, D), 7.0, device=dev)
@@ -203,10 +203,12 @@ def test_prefill_mode_env_is_checked(monkeypatch, tmp_path):
     monkeypatch.setenv(sa.PREFILL_ENV, "fast")
     with pytest.raises(ValueError, match=sa.PREFILL_ENV):
         sa.SpinQuantKV4Impl(8, 64, 0.125, 2)
-    monkeypatch.setenv(sa.PREFILL_ENV, "triton_whole")
+    monkeypatch.setenv(sa.PREFILL_ENV, "triton_whole")    # alias of the default
     monkeypatch.setenv(sa.UNPACK_ENV, "magic")
     impl = sa.SpinQuantKV4Impl(8, 64, 0.125, 2)
-    assert (impl.prefill_mode, impl.unpack) == ("triton_whole", "magic")
+    assert (impl.prefill_mode, impl.unpack) == ("triton", "magic")
+    monkeypatch.setenv(sa.PREFILL_ENV, "split")
+    assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).prefill_mode == "split"
     monkeypatch.setenv(sa.PREFILL_CFG_ENV, "256,64,8,2")
     assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).prefill_kw == {
         "unpack": "magic", "block_m": 256, "tile_n": 64, "num_warps": 8, "num_stages": 2}
