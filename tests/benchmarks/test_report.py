@@ -107,3 +107,37 @@ def test_latency_verdict_against_the_issue_target(spin, verdict):
         "spinquant_w4a4kv16": spin, "bf16": 0.85, "fp8": 0.57}}})
     assert len(lines) == 1 and f"{spin / 0.85:.2f}x bf16's" in lines[0]
     assert lines[0].endswith(f"(issue target <= 0.6x bf16: {verdict}).")
+
+
+def test_serving_headline_skips_a_newer_file_without_the_1024_runs(tmp_path, monkeypatch):
+    """A later file holding only 4096/512 A/B runs does not blank the 1024/256 headline; the
+    4096/512 numbers come from the newest file with both SpinQuant caches, with its note."""
+    import json
+    report = load_script("report")
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+
+    def run(kind, tok_s_len, out_len):
+        return {"rc": 0, "cmd": f"bench --output-len {out_len}",
+                "result": {"num_requests": 100, "elapsed_time": 100 * out_len / tok_s_len}}
+    old = {"runs": {"tp:bf16": run("tp", 1000, 256), "tp:bf16+fp8": run("tp", 1500, 256),
+                    "tp:spinquant_w4a4kv16": run("tp", 1200, 256),
+                    "tpkv:spinquant_w4a4kv4": run("tpkv", 900, 512),
+                    "tpkv:spinquant_w4a4kv16": run("tpkv", 1000, 512)},
+           "invocations": [{"date": "2026-01-01", "device": "H100", "command": "a", "versions": {}}]}
+    new = {"runs": {"tpkv:spinquant_w4a4kv4+wholeprefill": run("tpkv", 950, 512),
+                    "tpkv:spinquant_w4a4kv4": run("tpkv", 800, 512),
+                    "tpkv:spinquant_w4a4kv16": run("tpkv", 1010, 512)},
+           "invocations": [{"date": "2026-02-01", "device": "H100", "command": "b", "versions": {}}],
+           "note": "split was the default"}
+    paths = []
+    for name, doc in (("a_raw.json", old), ("b_raw.json", new)):
+        (tmp_path / name).write_text(json.dumps(doc))
+        paths.append(str(tmp_path / name))
+    s = report.serving_section(paths)
+    assert s["headline_source"] == "a_raw.json" and s["output_tok_s"]["fp8"] == 1500.0
+    assert s["tpkv_source"] == "b_raw.json" and s["tpkv_note"] == "split was the default"
+    assert s["tpkv_output_tok_s"]["spinquant_w4a4kv4_wholeprefill"] == 950.0
+    md = tmp_path / "R.md"
+    report.write_report({"serving": s}, [], [], str(md))
+    text = md.read_text()
+    assert "### `b_raw.json`\n\n4096 in / 512 out" in text   # no empty 1024/256 table
