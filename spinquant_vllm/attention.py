@@ -64,7 +64,7 @@ BACKEND_CLASS_PATH = "spinquant_vllm.attention.SpinQuantKV4Backend"
 # Triton prefill kernel, which reads the 4-bit cache per query block (decode rows
 # of a mixed batch included); "split" sends the batch's one-row sequences
 # (decodes) to the decode kernel and the others to the prefill kernel
-# (kv4_mixed_attention, decided on the device): 1.4-2.2x less attention time
+# (kv4_mixed_attention, decided on the device): 1.1-2.2x less attention time
 # per mixed step, but end to end it varied between 0.73x and 1.01x of "triton"
 # (session 7, docs/KV_CACHE.md), so it is opt-in; "dense" dequantizes each
 # prefill sequence once and runs varlen flash, decode rows to the decode kernel
@@ -98,6 +98,7 @@ def prefill_cfg_from_env() -> dict:
     if len(vals) == 4:
         kw["num_stages"] = vals[3]
     return kw
+
 
 # Diagnostics: a file path; the impl then times its attention calls with CUDA events (not
 # while a CUDA graph is being captured) and rewrites that file with per-path totals every

@@ -638,8 +638,8 @@ def kv4_mixed_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     """A batch of decodes and prefills (vLLM's chunked prefill), without a host sync.
 
     Both kernels are launched over the whole batch: the decode kernel answers
-    the sequences with one query row (split over their context, as in a decode
-    step) and skips the others; the prefill kernel answers the others and skips
+    the sequences with one query row and skips the others; the prefill kernel
+    answers the others and skips
     the one-row sequences, which in a prefill program would fill 1 query token
     of a ``block_m``-row tile and walk the whole context alone. Which sequence
     is which is decided on the device. Arguments as
