@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import ClassVar
 
 import torch
@@ -101,8 +102,10 @@ def prefill_cfg_from_env() -> dict:
 
 
 # Diagnostics: a file path; the impl then times its attention calls with CUDA events (not
-# while a CUDA graph is being captured) and rewrites that file with per-path totals every
-# 512 timed calls. Off by default (the events and the periodic sync cost time).
+# while a CUDA graph is being captured) and on the host (wall time of the Python call: Triton
+# compiling a kernel variant on first use shows up there as a stall), and rewrites that file
+# with per-path totals every 512 timed calls. Off by default (the events and the periodic
+# sync cost time).
 TIMING_ENV = "SPINQUANT_KV4_TIMING"
 
 _registered = False
@@ -127,31 +130,44 @@ class _CallTimer:
         self.pending: list = []
         self.totals: dict = {}
 
+    # a host call slower than this is counted as a stall (a GPU-side attention call over a
+    # whole chunked-prefill step takes a few ms)
+    STALL_S = 0.1
+
     def start(self):
         if torch.cuda.is_current_stream_capturing():
             return None
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
-        return ev
+        return ev, time.perf_counter()
 
-    def stop(self, ev, key: str, tokens: int, seqs: int) -> None:
-        if ev is None:
+    def stop(self, started, key: str, tokens: int, seqs: int) -> None:
+        if started is None:
             return
+        ev, t0 = started
+        host_s = time.perf_counter() - t0
         end = torch.cuda.Event(enable_timing=True)
         end.record()
-        self.pending.append((key, tokens, seqs, ev, end))
+        self.pending.append((key, tokens, seqs, ev, end, host_s))
         if len(self.pending) >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
         import json
         torch.cuda.synchronize()
-        for key, tokens, seqs, a, b in self.pending:
-            t = self.totals.setdefault(key, {"calls": 0, "ms": 0.0, "tokens": 0, "seqs": 0})
+        for key, tokens, seqs, a, b, host_s in self.pending:
+            t = self.totals.setdefault(key, {"calls": 0, "ms": 0.0, "tokens": 0, "seqs": 0,
+                                             "host_ms": 0.0, "host_max_ms": 0.0,
+                                             "stalls": 0, "stall_ms": 0.0})
             t["calls"] += 1
             t["ms"] += a.elapsed_time(b)
             t["tokens"] += tokens
             t["seqs"] += seqs
+            t["host_ms"] += 1e3 * host_s
+            t["host_max_ms"] = max(t["host_max_ms"], 1e3 * host_s)
+            if host_s > self.STALL_S:
+                t["stalls"] += 1
+                t["stall_ms"] += 1e3 * host_s
         self.pending.clear()
         tmp = f"{self.path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:

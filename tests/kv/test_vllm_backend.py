@@ -225,3 +225,29 @@ def test_prefill_mode_env_is_checked(monkeypatch, tmp_path):
     monkeypatch.setenv(sa.UNPACK_ENV, "nibbles")
     with pytest.raises(ValueError, match=f"{sa.UNPACK_ENV} must be one of .* got 'nibbles'"):
         sa.SpinQuantKV4Impl(8, 64, 0.125, 2)
+
+
+def test_call_timer_totals_and_stalls(tmp_path, monkeypatch):
+    """The diagnostics timer sums GPU and host time per path and counts host stalls (a call
+    that took longer than STALL_S on the host, e.g. a Triton compile on first use)."""
+    import json
+
+    class Ev:
+        def __init__(self, ms):
+            self.ms = ms
+
+        def elapsed_time(self, other):
+            return other.ms - self.ms
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    t = sa._CallTimer(str(tmp_path / "x" / "calls"), flush_every=3)
+    t.pending += [("split", 100, 4, Ev(0.0), Ev(2.0), 0.001),
+                  ("split", 50, 2, Ev(0.0), Ev(1.0), 1.5),           # a 1.5 s stall
+                  ("triton", 10, 1, Ev(0.0), Ev(0.5), 0.002)]
+    t.flush()
+    files = list((tmp_path / "x").glob("calls.*.json"))
+    assert len(files) == 1 and not list((tmp_path / "x").glob("*.tmp"))
+    tot = json.loads(files[0].read_text())["totals"]
+    assert tot["split"]["calls"] == 2 and tot["split"]["ms"] == 3.0 and tot["split"]["tokens"] == 150
+    assert tot["split"]["stalls"] == 1 and tot["split"]["host_max_ms"] == 1500.0
+    assert tot["triton"]["stalls"] == 0 and tot["triton"]["seqs"] == 1
+    assert t.pending == []
