@@ -184,24 +184,29 @@ def serving_section(files):
         rec["invocations"] = d.get("invocations", [])
         if d.get("note"):
             rec["note"] = d["note"]
+        if d.get("ab_only"):   # an A/B of switches, not a headline measurement (session 7's)
+            rec["ab_only"] = True
         by_file[os.path.relpath(path, RESULTS)] = rec
     if not by_file:
         return None
     def date(f):
         return max((i.get("date") or "" for i in by_file[f]["invocations"]), default="")
 
-    # the headline: the newest file with the 1024/256 runs (a later file may hold only the
-    # 4096/512 A/B runs, session 7's); the 4096/512 numbers from the newest file holding both
-    # SpinQuant caches
-    with_tp = [f for f in by_file if by_file[f].get("output_tok_s")] or list(by_file)
+    # the headline: the newest file with the 1024/256 runs; the 4096/512 numbers from the
+    # newest file holding both SpinQuant caches. Files marked ab_only (an A/B of kernel
+    # switches whose run names meant another path in that build, session 7's) are shown
+    # below but give no headline.
+    pool = [f for f in by_file if not by_file[f].get("ab_only")] or list(by_file)
+    with_tp = [f for f in pool if by_file[f].get("output_tok_s")] or pool
     newest = max(with_tp, key=date)
     head = by_file[newest]
     out = {"device": head["invocations"][0]["device"] if head["invocations"] else None,
            "workload": "vllm bench throughput, random, 1024 in / 256 out, 400 prompts; vllm bench latency, "
                        "512 in / 128 out, batch 1 and 16; Llama-3-8B shapes (dummy weights)",
            "headline_source": newest}
-    out.update({k: v for k, v in head.items() if k not in ("invocations", "note", "tpkv_output_tok_s")})
-    with_kv = [f for f in by_file if {"spinquant_w4a4kv4", "spinquant_w4a4kv16"}
+    out.update({k: v for k, v in head.items()
+                if k not in ("invocations", "note", "tpkv_output_tok_s", "ab_only")})
+    with_kv = [f for f in pool if {"spinquant_w4a4kv4", "spinquant_w4a4kv16"}
                <= set(by_file[f].get("tpkv_output_tok_s", {}))]
     if with_kv:
         kvf = max(with_kv, key=date)

@@ -109,9 +109,11 @@ def test_latency_verdict_against_the_issue_target(spin, verdict):
     assert lines[0].endswith(f"(issue target <= 0.6x bf16: {verdict}).")
 
 
-def test_serving_headline_skips_a_newer_file_without_the_1024_runs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ab_only", [False, True])
+def test_serving_headline_skips_a_newer_file_without_the_1024_runs(tmp_path, monkeypatch, ab_only):
     """A later file holding only 4096/512 A/B runs does not blank the 1024/256 headline; the
-    4096/512 numbers come from the newest file with both SpinQuant caches, with its note."""
+    4096/512 numbers come from the newest file with both SpinQuant caches, with its note,
+    unless that file is marked ab_only (then from the older file)."""
     import json
     report = load_script("report")
     monkeypatch.setattr(report, "RESULTS", str(tmp_path))
@@ -128,15 +130,20 @@ def test_serving_headline_skips_a_newer_file_without_the_1024_runs(tmp_path, mon
                     "tpkv:spinquant_w4a4kv4": run("tpkv", 800, 512),
                     "tpkv:spinquant_w4a4kv16": run("tpkv", 1010, 512)},
            "invocations": [{"date": "2026-02-01", "device": "H100", "command": "b", "versions": {}}],
-           "note": "split was the default"}
+           "note": "split was the default", "ab_only": ab_only}
     paths = []
     for name, doc in (("a_raw.json", old), ("b_raw.json", new)):
         (tmp_path / name).write_text(json.dumps(doc))
         paths.append(str(tmp_path / name))
     s = report.serving_section(paths)
     assert s["headline_source"] == "a_raw.json" and s["output_tok_s"]["fp8"] == 1500.0
-    assert s["tpkv_source"] == "b_raw.json" and s["tpkv_note"] == "split was the default"
-    assert s["tpkv_output_tok_s"]["spinquant_w4a4kv4_wholeprefill"] == 950.0
+    if ab_only:
+        assert s["tpkv_source"] == "a_raw.json" and "tpkv_note" not in s
+        assert s["tpkv_output_tok_s"]["spinquant_w4a4kv4"] == 900.0
+        assert "ab_only" not in s
+    else:
+        assert s["tpkv_source"] == "b_raw.json" and s["tpkv_note"] == "split was the default"
+        assert s["tpkv_output_tok_s"]["spinquant_w4a4kv4_wholeprefill"] == 950.0
     md = tmp_path / "R.md"
     report.write_report({"serving": s}, [], [], str(md))
     text = md.read_text()
