@@ -1,6 +1,7 @@
 """Decode attention over the 4-bit KV cache: ours vs bf16 flash (and vLLM's int4 when importable).
 
     python benchmarks/kv_attention.py [--out benchmarks/results] [--quick]
+        [--sections decode write prefill mixed] [--mixed-set one|serving] [--tag SUFFIX]
 
 For each head shape (Llama-3-8B: 32 q / 8 kv heads x 128; SmolLM2-135M: 9 / 3 x 64),
 batch 1 / 32 and context 1k / 4k / 16k it times on the same random data:
@@ -19,8 +20,10 @@ Times are GPU time per call from CUDA-graph replays with the L2 flushed
 before each call (``_bench``). It reports bytes moved and the bandwidth floor
 (3.0 TB/s, the measured H100 device copy rate, DESIGN.md), attention-output
 SQNR against fp32 attention on the unquantized K/V (ours and vLLM's), the cache
-write time, and both prefill paths (4-bit kernel, dequantize + varlen flash)
-against bf16 causal flash. Results: ``kv_attention_<gpu>.json`` and ``.md``.
+write time, both prefill paths (4-bit kernel with a sweep of its variants, dequantize +
+varlen flash) against bf16 causal flash, and chunked-prefill steps (decodes next to prefill
+chunks) through the whole-batch prefill kernel and through ``kv4_mixed_attention``.
+Results: ``kv_attention_<gpu><tag>.json`` and ``.md``.
 """
 
 from __future__ import annotations
