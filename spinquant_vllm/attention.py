@@ -25,6 +25,7 @@ checkpoint; the R3 Hadamard is then not applied, which leaves Q K^T unchanged).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -33,6 +34,7 @@ from typing import ClassVar
 import torch
 
 from spinquant_kernels.attention import (
+    UNPACK_MODES,
     kv4_decode_attention,
     kv4_mixed_attention,
     kv4_mixed_attention_dense,
@@ -153,7 +155,6 @@ class _CallTimer:
             self.flush()
 
     def flush(self) -> None:
-        import json
         torch.cuda.synchronize()
         for key, tokens, seqs, a, b, host_s in self.pending:
             t = self.totals.setdefault(key, {"calls": 0, "ms": 0.0, "tokens": 0, "seqs": 0,
@@ -378,8 +379,8 @@ class SpinQuantKV4Impl(AttentionImpl):
             raise ValueError(f"{PREFILL_ENV} must be one of {', '.join(PREFILL_MODES)}, "
                              f"got {self.prefill_mode!r}")
         self.unpack = os.environ.get(UNPACK_ENV, UNPACK_DEFAULT)
-        if self.unpack not in ("sub", "fold", "magic"):
-            raise ValueError(f"{UNPACK_ENV} must be one of sub, fold, magic, "
+        if self.unpack not in UNPACK_MODES:
+            raise ValueError(f"{UNPACK_ENV} must be one of {', '.join(UNPACK_MODES)}, "
                              f"got {self.unpack!r}")
         self.prefill_kw = {"unpack": self.unpack, **prefill_cfg_from_env()}
         timing = os.environ.get(TIMING_ENV, "")

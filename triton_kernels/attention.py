@@ -116,18 +116,19 @@ def _rotated_query(q: torch.Tensor, had_size: int | None, hadamard: torch.Tensor
     return torch.matmul(q.to(dt), hp), dt
 
 
-_UNPACK_MODES = {"sub": 0, "fold": 1, "magic": 2}
+# how the kernels turn 4-bit codes into tensor-core operands (UNPACK constant of each name)
+UNPACK_MODES = {"sub": 0, "fold": 1, "magic": 2}
 
 
 def _unpack_mode(fold_zero: bool, unpack: str | None) -> int:
     """The kernels' UNPACK constant from the public ``fold_zero`` / ``unpack`` arguments."""
     if unpack is None:
         return 1 if fold_zero else 0
-    if unpack not in _UNPACK_MODES:
-        raise ValueError(f"unpack must be one of {sorted(_UNPACK_MODES)} (or None), got {unpack!r}")
+    if unpack not in UNPACK_MODES:
+        raise ValueError(f"unpack must be one of {sorted(UNPACK_MODES)} (or None), got {unpack!r}")
     if fold_zero and unpack != "fold":
         raise ValueError(f"fold_zero=True asks for unpack='fold', got unpack={unpack!r}")
-    return _UNPACK_MODES[unpack]
+    return UNPACK_MODES[unpack]
 
 
 # ----------------------------------------------------------------------------
@@ -878,6 +879,7 @@ def kv4_prefill_attention_dense_ref(q: torch.Tensor, kv_cache: torch.Tensor,
 
 
 __all__ = [
+    "UNPACK_MODES",
     "default_num_splits",
     "kv4_decode_attention",
     "kv4_decode_attention_ref",
