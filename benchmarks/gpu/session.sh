@@ -28,6 +28,8 @@
 #   tp8b lat8b tpkv8b  .gpu-carry/llama8b    vllm bench throughput / latency side by side, every config
 #                                            with the same short CUDA-graph size list (bench8b)
 #   bench     .gpu-carry/llama8b             any run list: RUNS="tp:bf16+fp8 lat1:bf16 ..." DEADLINE=300
+#   benchbg   .gpu-carry/llama8b             the same list in the background, across calls (DEADLINE
+#                                            default 1500, RUN_TIMEOUT 480); benchwait polls (WAIT 540)
 #   kern      -                              benchmarks/kernels.py on a quiet GPU (no vLLM needed), plus
 #                                            the other hadamard_quant quotient and split-K tuning variants
 #   sweep     .gpu-carry/llama8b             serving_sweep.py over the six issue-7 configurations, resumed
@@ -338,6 +340,29 @@ bench)
   # any list of serving_bench runs: RUNS="tp:bf16+fp8 lat1:bf16 ..." DEADLINE=300 session.sh bench
   setup; free_gpu
   bench8b "${DEADLINE:-300}" ${RUNS:?RUNS must list serving_bench runs}
+  [ -d /tmp/kv4timing ] && cp -r /tmp/kv4timing /tmp/res/; collect ;;
+benchbg)
+  # the same, in the background, so runs longer than one call (tpkv: 1000 x 4.6k tokens, 3-5 min
+  # each) go on across calls; the model folders are copied to /tmp (a carry lasts one call).
+  # RUNS as for bench; DEADLINE (s, default 1500) bounds the whole list; poll with benchwait.
+  setup; free_gpu
+  rm -rf /tmp/llama8b && cp -r .gpu-carry/llama8b /tmp/llama8b
+  repo=$(pwd)
+  export BENCH_EXTRA="--compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,24,32,48,64,96,128,192,256,384,512]}'"
+  (cd /tmp && setsid nohup bash -c "cd $repo && source benchmarks/gpu/setup.sh >/dev/null 2>&1; \
+      python3 benchmarks/serving_bench.py --out /tmp/serv --models /tmp/llama8b \
+        --deadline-s ${DEADLINE:-1500} --run-timeout-s ${RUN_TIMEOUT:-480} \
+        --resume /tmp/serv/serving_raw.json --skip-done \
+        --extra=\"\$BENCH_EXTRA\" \
+        --runs ${RUNS:?RUNS must list serving_bench runs} > /tmp/res/benchbg.log 2>&1; \
+      echo exit \$? >> /tmp/res/benchbg.log" < /dev/null > /dev/null 2>&1 &)
+  sleep 20; cat /tmp/res/benchbg.log ;;
+benchwait)
+  # poll a benchbg list for up to WAIT s (default 540), then collect what it has written so far
+  t0=$SECONDS
+  while [ $((SECONDS - t0)) -lt "${WAIT:-540}" ] && ! grep -q "^exit " /tmp/res/benchbg.log; do sleep 10; done
+  grep "^\[serving\]\|^exit" /tmp/res/benchbg.log | tail -20
+  cp /tmp/serv/serving_raw.json /tmp/serv/serving.log /tmp/res/ 2>/dev/null
   [ -d /tmp/kv4timing ] && cp -r /tmp/kv4timing /tmp/res/; collect ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -15,10 +15,10 @@ def test_serving_keys(cfg, key):
 
 
 def test_env_switch_runs_get_their_own_column():
-    runs = {"tp:spinquant_w4a4kv4": {"rc": 0, "cmd": "bench --output-len 256",
-                                     "result": {"num_requests": 400, "elapsed_time": 10.0}},
-            "tp:spinquant_w4a4kv4+denseprefill": {"rc": 0, "cmd": "bench --output-len 256",
-                                                  "result": {"num_requests": 400, "elapsed_time": 8.0}}}
+    runs = {"tp:spinquant_w4a4kv4": {"rc": 0, "cmd": "bench", "prompt_tokens": 409600,
+                                     "output_tokens": 102400, "result": {"num_requests": 400, "elapsed_time": 10.0}},
+            "tp:spinquant_w4a4kv4+denseprefill": {"rc": 0, "cmd": "bench", "prompt_tokens": 409600,
+                                                  "output_tokens": 102400, "result": {"num_requests": 400, "elapsed_time": 8.0}}}
     out = load_script("report")._serving_file(runs)["output_tok_s"]
     assert out == {"spinquant_w4a4kv4": 10240.0, "spinquant_w4a4kv4_denseprefill": 12800.0}
 
@@ -119,7 +119,8 @@ def test_serving_headline_skips_a_newer_file_without_the_1024_runs(tmp_path, mon
     monkeypatch.setattr(report, "RESULTS", str(tmp_path))
 
     def run(kind, tok_s_len, out_len):
-        return {"rc": 0, "cmd": f"bench --output-len {out_len}",
+        in_len = 1024 if out_len == 256 else 4096
+        return {"rc": 0, "cmd": "bench", "prompt_tokens": 100 * in_len, "output_tokens": 100 * out_len,
                 "result": {"num_requests": 100, "elapsed_time": 100 * out_len / tok_s_len}}
     old = {"runs": {"tp:bf16": run("tp", 1000, 256), "tp:bf16+fp8": run("tp", 1500, 256),
                     "tp:spinquant_w4a4kv16": run("tp", 1200, 256),
@@ -148,3 +149,25 @@ def test_serving_headline_skips_a_newer_file_without_the_1024_runs(tmp_path, mon
     report.write_report({"serving": s}, [], [], str(md))
     text = md.read_text()
     assert "### `b_raw.json`\n\n4096 in / 512 out" in text   # no empty 1024/256 table
+
+
+def test_runs_that_vllm_ran_at_its_random_defaults_are_relabelled(tmp_path):
+    """Sessions 1-7 passed --input-len/--output-len, which vLLM 0.26's random dataset ignores
+    (its --random-* defaults 1024/128 win): such runs are reported under the workload they
+    really had, not as 1024/256 or 4096/512; a count that fits neither is refused."""
+    report = load_script("report")
+
+    def old(out_len, n, total, elapsed=10.0):
+        return {"rc": 0, "cmd": f"vllm bench throughput --input-len 4096 --output-len {out_len} "
+                                f"--num-prompts {n}",
+                "result": {"num_requests": n, "elapsed_time": elapsed, "total_num_tokens": total}}
+    f = report._serving_file({"tp:bf16": old(256, 400, 400 * 1152),
+                              "tpkv:spinquant_w4a4kv4": old(512, 500, 500 * 1152, 20.0)})
+    assert "output_tok_s" not in f and "tpkv_output_tok_s" not in f
+    assert f["other_output_tok_s"] == {"1024 in / 128 out, 400 prompts": {"bf16": 5120.0},
+                                       "1024 in / 128 out, 500 prompts": {"spinquant_w4a4kv4": 3200.0}}
+    new = {"rc": 0, "cmd": "x", "prompt_tokens": 400 * 1024, "output_tokens": 400 * 256,
+           "result": {"num_requests": 400, "elapsed_time": 10.0}}
+    assert report._serving_file({"tp:bf16": new})["output_tok_s"] == {"bf16": 10240.0}
+    with pytest.raises(ValueError, match="total_num_tokens 123"):
+        report._serving_file({"tp:bf16": old(256, 400, 123)})

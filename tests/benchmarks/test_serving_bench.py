@@ -15,6 +15,12 @@ with open(argv[argv.index("--output-json") + 1], "w") as f:
                "prefill_env": os.environ.get("SPINQUANT_KV4_PREFILL"),
                "cfg_env": os.environ.get("SPINQUANT_KV4_PREFILL_CFG"),
                "unpack_env": os.environ.get("SPINQUANT_KV4_UNPACK")}, f)
+if "throughput" in argv:   # vLLM's summary lines; "--short" drops one output token per request
+    n = int(argv[argv.index("--num-prompts") + 1])
+    i = int(argv[argv.index("--random-input-len") + 1])
+    o = int(argv[argv.index("--random-output-len") + 1]) - ("--short" in argv)
+    print(f"Total num prompt tokens:  {n * i}")
+    print(f"Total num output tokens:  {n * o}")
 print("Model loading took 5.22 GiB and 1.0 s")
 print("GPU KV cache size: 1,234 tokens")
 sys.exit(3 if "--fail" in argv else 0)
@@ -98,3 +104,17 @@ def test_log_keeps_the_engine_traceback_of_a_failed_run():
     assert failed.splitlines()[-1] == "EngineDeadError" and "progress 150" not in failed
     ok = mod.log_excerpt(text, 0, tail=10)
     assert "OutOfMemoryError" not in ok and len(ok.splitlines()) == 10
+
+
+def test_throughput_runs_check_the_workload_vllm_really_ran(bench):
+    doc = bench("--runs", "tp:bf16", "tpkv:bf16")
+    for name, (i, o, n) in (("tp:bf16", (1024, 256, 400)), ("tpkv:bf16", (4096, 512, 1000))):
+        rec = doc["runs"][name]
+        argv = rec["result"]["argv"]
+        assert argv[argv.index("--random-input-len") + 1] == str(i)
+        assert argv[argv.index("--random-output-len") + 1] == str(o)
+        assert "--input-len" not in argv and "--output-len" not in argv
+        assert rec["rc"] == 0 and (rec["prompt_tokens"], rec["output_tokens"]) == (i * n, o * n)
+    doc = bench("--runs", "tp:bf16+eager", "--extra=--short")
+    rec = doc["runs"]["tp:bf16+eager"]
+    assert rec["rc"] == "wrong_workload" and "(409600, 102000)" in rec["workload_error"]
