@@ -310,6 +310,19 @@ def _prefill_sweep(run) -> list:
     return out
 
 
+def _flash_varlen(dev):
+    """(varlen, name) for kv4_mixed_attention_flash: the plugin's choice (vLLM's FlashAttention,
+    FA3 on Hopper) when vLLM imports, else torch's varlen_attn; the plain-PyTorch stand-in on
+    the CPU (the tests' toy runs)."""
+    if torch.device(dev).type != "cuda":
+        return at.varlen_causal_ref, "plain PyTorch (CPU)"
+    try:
+        from spinquant_vllm.attention import flash_varlen
+        return flash_varlen()
+    except ImportError:
+        return at.torch_varlen_causal, "torch varlen_attn"
+
+
 def prefill_case(name, L, gen, dev) -> dict:
     Hq, Hkv, D = SHAPES[name]
     q, k, v, bt, slots = _make(1, L, Hq, Hkv, D, gen, dev)
@@ -341,6 +354,14 @@ def prefill_case(name, L, gen, dev) -> dict:
         res["ours_dense_error"] = f"{type(e).__name__}: {e}"
     res["bf16_flash_causal_ms"] = _bench(lambda: F.scaled_dot_product_attention(
         qt, kt, vt, is_causal=True, scale=1 / math.sqrt(D)))
+    # the flash path: K/V read back from the 4-bit cache, then the varlen flash kernel; and
+    # that kernel alone on bf16 K/V (what a 16-bit cache's prefill costs)
+    varlen, vname = _flash_varlen(dev)
+    res["flash_varlen"] = vname
+    res["ours_flash_ms"] = _bench(lambda: at.kv4_mixed_attention_flash(
+        qs, cache, bt, sl, cu, 1 / math.sqrt(D), L, out=out, hadamard_perm=had, hadamard_full=hf,
+        varlen=varlen))
+    res["flash_bf16_ms"] = _bench(lambda: varlen(qs, k[0], v[0], cu, L, 1 / math.sqrt(D), out))
     return res
 
 
@@ -396,6 +417,12 @@ def mixed_case(name, gen, dev, decodes: int = 256, ctx: int = 4352,
         kw = {"unpack": unpack}
         res[f"mixed_{unpack}_ms"] = _bench(lambda: at.kv4_mixed_attention(
             q, cache, bt, sl, cu, sc, mq, out=out, hadamard=had, prefill_kw=kw, decode_kw=kw))
+    varlen, res["flash_varlen"] = _flash_varlen(dev)
+    hf = kc.hadamard_full(D, D, torch.bfloat16, dev)
+    for key, split in (("flash_ms", False), ("flash_split_ms", True)):
+        res[key] = _bench(lambda: at.kv4_mixed_attention_flash(
+            q, cache, bt, sl, cu, sc, mq, out=out, hadamard_perm=had, hadamard_full=hf,
+            varlen=varlen, split_decodes=split))
     res["decode_rows_only_ms"] = _bench(lambda: at.kv4_decode_attention(
         q, cache, bt, sl, cu, sc, out=out, hadamard=had, single_rows_only=True))
     # bf16 flash over the same batch, K/V contiguous per sequence, heads repeated for GQA (as
@@ -455,15 +482,18 @@ def _markdown(r: dict) -> str:
     lines += ["", "## Prefill (fresh prompt, K/V read back from the 4-bit cache) "
               "vs bf16 causal flash",
               "", "| model | prompt | ours ms (default) | best of sweep ms (config) | "
-              "ours dense ms (dequant + varlen flash) | bf16 flash causal ms |",
-              "|---|---|---|---|---|---|"]
+              "ours dense ms (dequant + varlen flash) | bf16 flash causal ms | ours flash ms "
+              "(read back + varlen kernel) | varlen kernel alone on bf16 ms |",
+              "|---|---|---|---|---|---|---|---|"]
     for p in r["prefill"]:
         ok = [x for x in p["sweep"] if x["ms"] == x["ms"]]
         best = min(ok, key=lambda x: x["ms"]) if ok else None
         cfg = _variant_name(best) if best else "-"
         best_ms = "-" if best is None else f"{best['ms']:.3f}"
         lines.append(f"| {p['model']} | {p['prompt']} | {p['ours_ms']:.3f} | {best_ms} ({cfg}) | "
-                     f"{p['ours_dense_ms']:.3f} | {p['bf16_flash_causal_ms']:.3f} |")
+                     f"{p['ours_dense_ms']:.3f} | {p['bf16_flash_causal_ms']:.3f} | "
+                     f"{p.get('ours_flash_ms', float('nan')):.3f} | "
+                     f"{p.get('flash_bf16_ms', float('nan')):.3f} |")
     if r["prefill"]:
         lines += ["", "### Prefill variants (ms)", "",
                   "| variant | " + " | ".join(p["model"] for p in r["prefill"]) + " |",
@@ -477,8 +507,9 @@ def _markdown(r: dict) -> str:
     if r.get("mixed"):
         lines += ["", "## Mixed batch (decodes + prefill chunks, one chunked-prefill step)", "",
                   "| model | decodes x context | chunks (new, cached) | whole batch through "
-                  "prefill ms | mixed sub ms | mixed fold ms | mixed magic ms | decode rows "
-                  "alone ms | bf16 varlen flash ms |", "|---|---|---|---|---|---|---|---|---|"]
+                  "prefill ms | mixed sub ms | mixed fold ms | mixed magic ms | flash ms | "
+                  "flash split ms | decode rows alone ms | bf16 varlen flash ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in r["mixed"]:
             bf = m.get("bf16_varlen_flash_ms")
             lines.append(
@@ -486,6 +517,7 @@ def _markdown(r: dict) -> str:
                 f"{', '.join(f'({a}, {b})' for a, b in m['chunks'])} | "
                 f"{m['whole_prefill_ms']:.3f} | {m['mixed_sub_ms']:.3f} | "
                 f"{m['mixed_fold_ms']:.3f} | {m['mixed_magic_ms']:.3f} | "
+                f"{m.get('flash_ms', float('nan')):.3f} | {m.get('flash_split_ms', float('nan')):.3f} | "
                 f"{m['decode_rows_only_ms']:.3f} | {'-' if bf is None else f'{bf:.3f}'} |")
     return "\n".join(lines) + "\n"
 

@@ -50,6 +50,10 @@ ENV_FLAGS = {
     # kernel) explicitly, as session 7's A/B runs did while "split" was briefly the default
     "splitprefill": {"SPINQUANT_KV4_PREFILL": "split"},
     "wholeprefill": {"SPINQUANT_KV4_PREFILL": "triton_whole"},
+    # fresh prompts through vLLM's FlashAttention over K/V read back from the 4-bit cache, the
+    # rest through the prefill kernel ("flashsplit": decode rows through the decode kernel)
+    "flashprefill": {"SPINQUANT_KV4_PREFILL": "flash"},
+    "flashsplit": {"SPINQUANT_KV4_PREFILL": "flash_split"},
     # how the KV4 attention kernels unpack codes (spinquant_vllm/attention.py UNPACK_ENV)
     "kvsub": {"SPINQUANT_KV4_UNPACK": "sub"},
     "kvfold": {"SPINQUANT_KV4_UNPACK": "fold"},

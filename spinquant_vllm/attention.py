@@ -38,7 +38,10 @@ from spinquant_kernels.attention import (
     kv4_decode_attention,
     kv4_mixed_attention,
     kv4_mixed_attention_dense,
+    kv4_mixed_attention_flash,
     kv4_prefill_attention,
+    torch_varlen_causal,
+    varlen_causal_ref,
 )
 from spinquant_kernels.kv_cache import (
     dot_dtype,
@@ -71,10 +74,15 @@ BACKEND_CLASS_PATH = "spinquant_vllm.attention.SpinQuantKV4Backend"
 # per mixed step, but end to end it varied between 0.73x and 1.01x of "triton"
 # (session 7, docs/KV_CACHE.md), so it is opt-in; "dense" dequantizes each
 # prefill sequence once and runs varlen flash, decode rows to the decode kernel
-# (0.90x, session 6). "triton_whole" is accepted for "triton" (the name of
-# session 7's A/B runs, when "split" was briefly the default).
+# (0.90x, session 6). "flash" sends the sequences with no cached context (new
+# prompts: most of the prefill work) through vLLM's FlashAttention over their
+# K/V read back from the 4-bit cache, the rest of the batch (decode rows and
+# chunks with context) through the Triton prefill kernel; "flash_split" sends
+# the decode rows to the decode kernel instead (kv4_mixed_attention_flash).
+# "triton_whole" is accepted for "triton" (the name of session 7's A/B runs,
+# when "split" was briefly the default).
 PREFILL_ENV = "SPINQUANT_KV4_PREFILL"
-PREFILL_MODES = ("triton", "split", "dense")
+PREFILL_MODES = ("triton", "split", "dense", "flash", "flash_split")
 _PREFILL_ALIASES = {"triton_whole": "triton"}
 # How the attention kernels turn 4-bit codes into tensor-core operands:
 # "sub", "fold" or "magic" (spinquant_kernels.attention.kv4_prefill_attention).
@@ -111,6 +119,34 @@ def prefill_cfg_from_env() -> dict:
 TIMING_ENV = "SPINQUANT_KV4_TIMING"
 
 _registered = False
+_FLASH: tuple | None = None
+
+
+def flash_varlen() -> tuple:
+    """``(varlen, name)``: the causal varlen attention the ``flash`` modes run on fresh prompts.
+
+    vLLM's own FlashAttention (``vllm.vllm_flash_attn``, the version vLLM picks for this GPU:
+    FA3 on Hopper; GQA without repeating K/V), as its FLASH_ATTN backend runs for a 16-bit
+    cache; where it does not load, torch's ``varlen_attn``
+    (``spinquant_kernels.attention.torch_varlen_causal``)."""
+    global _FLASH
+    if _FLASH is None:
+        try:
+            from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+            from vllm.vllm_flash_attn import flash_attn_varlen_func
+            ver = get_flash_attn_version()
+        except Exception as e:  # no CUDA build of vLLM's FlashAttention here
+            logger.info("vLLM FlashAttention unavailable (%s); torch varlen_attn instead", e)
+            ver = None
+        if ver is None:
+            _FLASH = (torch_varlen_causal, "torch varlen_attn")
+        else:
+            def fa(q, k, v, cu, max_q, scale, out):
+                return flash_attn_varlen_func(q, k, v, max_q, cu, max_q, cu_seqlens_k=cu,
+                                              softmax_scale=scale, causal=True, out=out,
+                                              fa_version=ver)
+            _FLASH = (fa, f"vllm_flash_attn FA{ver}")
+    return _FLASH
 
 
 _TIMERS: dict = {}
@@ -383,6 +419,7 @@ class SpinQuantKV4Impl(AttentionImpl):
             raise ValueError(f"{UNPACK_ENV} must be one of {', '.join(UNPACK_MODES)}, "
                              f"got {self.unpack!r}")
         self.prefill_kw = {"unpack": self.unpack, **prefill_cfg_from_env()}
+        self._flash_logged = False
         timing = os.environ.get(TIMING_ENV, "")
         self.timer = _shared_timer(timing) if timing else None
 
@@ -444,6 +481,20 @@ class SpinQuantKV4Impl(AttentionImpl):
             kv4_mixed_attention_dense(
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale, out=out,
                 had_size=self.had_size, hadamard_perm=had, hadamard_full=hads[2])
+        elif self.prefill_mode in ("flash", "flash_split"):
+            if q.is_cuda:
+                varlen, name = flash_varlen()
+                if not self._flash_logged:
+                    logger.info("SpinQuant KV4 %s: fresh prompts through %s", self.prefill_mode, name)
+                    self._flash_logged = True
+            else:   # CPU (tests): the plain-PyTorch stand-in
+                varlen = varlen_causal_ref
+            kv4_mixed_attention_flash(
+                q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
+                attn_metadata.max_query_len, out=out, had_size=self.had_size, hadamard_perm=had,
+                hadamard_full=hads[2], varlen=varlen,
+                split_decodes=self.prefill_mode == "flash_split", prefill_kw=self.prefill_kw,
+                decode_kw={"unpack": self.unpack})
         elif self.prefill_mode == "split":
             kv4_mixed_attention(
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
@@ -461,6 +512,7 @@ __all__ = [
     "PREFILL_CFG_ENV",
     "TIMING_ENV",
     "KV_CACHE_DTYPE",
+    "flash_varlen",
     "SpinQuantKV4Backend",
     "SpinQuantKV4Impl",
     "SpinQuantKV4MetadataBuilder",

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import kv_cache as _kv
 from .hadamard import hadamard_transform_ref
 from .kv_cache import (
     _resolve_had_size,
@@ -502,7 +503,7 @@ def _kv4_prefill_kernel(
     QPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
     TILE_N: tl.constexpr, DT: tl.constexpr, DOT_IEEE: tl.constexpr, UNPACK: tl.constexpr,
-    HEAVY_FIRST: tl.constexpr, SKIP_SINGLE: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr, SKIP_SINGLE: tl.constexpr, SKIP_FRESH: tl.constexpr,
 ):
     seq = tl.program_id(0)
     qid = tl.program_id(1)
@@ -523,6 +524,9 @@ def _kv4_prefill_kernel(
         qblk = qid
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_len = seq_len - q_len
+    if SKIP_FRESH:  # no cached context: left to flash attention (kv4_mixed_attention_flash)
+        if ctx_len == 0:
+            return
 
     # ---- rows = (query token, head of this kv group) pairs ------------------
     r = tl.arange(0, BLOCK_M)
@@ -579,8 +583,8 @@ def kv4_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
                           block_m: int = 128, tile_n: int = 32, num_warps: int = 4,
                           fold_zero: bool = False, num_stages: int | None = None,
                           unpack: str | None = None, heavy_first: bool = True,
-                          skip_single_rows: bool = False, q_rotated: bool = False
-                          ) -> torch.Tensor:
+                          skip_single_rows: bool = False, q_rotated: bool = False,
+                          skip_fresh: bool = False) -> torch.Tensor:
     """Causal varlen attention for queries that end each sequence (context in the cache).
 
     ``q (num_tokens, num_heads, head_dim)`` NOT rotated; sequence ``i`` owns
@@ -597,7 +601,9 @@ def kv4_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
     rounding). ``heavy_first`` launches each sequence's longest causal blocks
     first (same result; a scheduling choice). ``skip_single_rows`` leaves the
     rows of one-row sequences untouched (:func:`kv4_mixed_attention` gives them
-    to the decode kernel); ``q_rotated`` as :func:`kv4_decode_attention`.
+    to the decode kernel); ``skip_fresh`` leaves the rows of sequences with no
+    cached context untouched (:func:`kv4_mixed_attention_flash` gives them to
+    flash attention); ``q_rotated`` as :func:`kv4_decode_attention`.
     Equivalent to :func:`kv4_prefill_attention_ref`.
     """
     mode = _unpack_mode(fold_zero, unpack)
@@ -625,7 +631,7 @@ def kv4_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
         HEAD_DIM=D, HALF_PAD=triton.next_power_of_2(D // 2),
         TILE_N=tile_n, DT=tl_dt, DOT_IEEE=dt == torch.float32, UNPACK=mode,
         HEAVY_FIRST=bool(heavy_first), SKIP_SINGLE=bool(skip_single_rows),
-        num_warps=num_warps, **({} if num_stages is None else {"num_stages": int(num_stages)}),
+        SKIP_FRESH=bool(skip_fresh), num_warps=num_warps, **({} if num_stages is None else {"num_stages": int(num_stages)}),
     )
     return out
 
@@ -661,6 +667,88 @@ def kv4_mixed_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         kv4_prefill_attention(qr, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
                               max_query_len, out=out, had_size=had_size, skip_single_rows=True,
                               q_rotated=True, **(prefill_kw or {}))
+    return out
+
+
+def varlen_causal_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                      max_seqlen: int, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention of varlen sequences (rows ``cu_seqlens[i]:cu_seqlens[i+1]`` of q, k
+    and v), GQA by head groups, in float32 per sequence: the plain-PyTorch stand-in for the
+    flash kernel :func:`kv4_mixed_attention_flash` takes (same arguments; writes ``out``)."""
+    cu = cu_seqlens.tolist()
+    rep = q.shape[1] // k.shape[1]
+    for a, b in zip(cu[:-1], cu[1:]):
+        if b == a:
+            continue
+        o = F.scaled_dot_product_attention(
+            q[a:b].float().transpose(0, 1), k[a:b].float().transpose(0, 1).repeat_interleave(rep, 0),
+            v[a:b].float().transpose(0, 1).repeat_interleave(rep, 0), is_causal=True, scale=scale)
+        out[a:b] = o.transpose(0, 1).to(out.dtype)
+    return out
+
+
+def torch_varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                        max_seqlen: int, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """The same through ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; K/V repeated
+    over the query heads of each group): the fallback where vLLM's FlashAttention is absent."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    cu = cu_seqlens.to(torch.int32)
+    out.copy_(varlen_attn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), scale=scale,
+                          window_size=(-1, 0)))
+    return out
+
+
+def kv4_mixed_attention_flash(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                              seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, sm_scale: float,
+                              max_query_len: int, out: torch.Tensor | None = None,
+                              had_size: int | None = None,
+                              hadamard_perm: torch.Tensor | None = None,
+                              hadamard_full: torch.Tensor | None = None,
+                              varlen=None, split_decodes: bool = False,
+                              prefill_kw: dict | None = None, decode_kw: dict | None = None
+                              ) -> torch.Tensor:
+    """A chunked-prefill batch whose fresh prompts run through bf16 flash attention.
+
+    A sequence with no cached context (``seq_lens[i]`` equal to its query
+    rows: a new prompt, or the first chunk of one) attends only to the K/V this
+    step wrote. Those are read back from the 4-bit cache for every sequence's
+    query rows at once (:func:`kv_cache.kv4_cache_dequant` with the query
+    lengths as lengths: for a fresh sequence exactly its tokens, the same values
+    the Triton kernels dequantize in registers) and ``varlen(q, k, v, cu, max_q,
+    scale, out)`` runs causal varlen attention over them, GQA by head groups
+    (the plugin passes vLLM's FlashAttention, FA3 on Hopper; default
+    :func:`torch_varlen_causal`; :func:`varlen_causal_ref` on CPU). It writes
+    every row; the rows of the other sequences are then overwritten: those with
+    cached context by the Triton prefill kernel, and with ``split_decodes``
+    the one-row sequences by the decode kernel (unsplit) instead. No host sync:
+    which sequence is fresh is decided on the device. ``hadamard_perm`` /
+    ``hadamard_full`` as in :func:`kv4_mixed_attention_dense`; other arguments
+    as :func:`kv4_mixed_attention`. Equivalent to :func:`kv4_prefill_attention_ref`.
+    """
+    out, _, T, Hq, D, S = _check_varlen(q, kv_cache, block_table, seq_lens, cu_seqlens_q, out)
+    if S == 0 or max_query_len <= 0:
+        return out
+    varlen = torch_varlen_causal if varlen is None else varlen
+    cu = cu_seqlens_q[:S + 1]
+    q_lens = cu[1:] - cu[:-1]
+    k, v = kv4_cache_dequant(kv_cache, block_table, q_lens, cu, D, int(max_query_len), T, q.dtype,
+                             zero_fill=False)
+    hf = hadamard_full if hadamard_full is not None else _kv.hadamard_full(D, had_size, q.dtype,
+                                                                           q.device)
+    varlen(torch.matmul(q, hf.to(q.dtype)), k, v, cu.to(torch.int32), int(max_query_len),
+           sm_scale / had_norm(D, had_size), out)
+    qr, _ = _rotated_query(q, had_size, hadamard_perm)
+    if split_decodes:
+        kv4_decode_attention(qr, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale, out=out,
+                             had_size=had_size, single_rows_only=True, q_rotated=True,
+                             **{"num_splits": 1, **(decode_kw or {})})
+    kv4_prefill_attention(qr, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
+                          max_query_len, out=out, had_size=had_size, q_rotated=True,
+                          skip_fresh=True, skip_single_rows=split_decodes, **(prefill_kw or {}))
     return out
 
 
@@ -887,8 +975,11 @@ __all__ = [
     "kv4_mixed_attention_ref",
     "kv4_prefill_attention",
     "kv4_mixed_attention_dense",
+    "kv4_mixed_attention_flash",
     "kv4_prefill_attention_dense",
     "kv4_prefill_attention_dense_ref",
     "kv4_prefill_attention_ref",
     "num_sms",
+    "torch_varlen_causal",
+    "varlen_causal_ref",
 ]

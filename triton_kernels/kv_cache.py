@@ -565,21 +565,23 @@ def _kv4_dequant_kernel(
 
 def kv4_cache_dequant(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                       cu_seqlens_k: torch.Tensor, head_dim: int, max_seq_len: int,
-                      total_tokens: int, dtype: torch.dtype = torch.bfloat16
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      total_tokens: int, dtype: torch.dtype = torch.bfloat16,
+                      zero_fill: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantize whole sequences into contiguous varlen K and V.
 
     Sequence ``i`` (``seq_lens[i]`` tokens, pages ``block_table[i]``) lands in
     rows ``cu_seqlens_k[i]:cu_seqlens_k[i] + seq_lens[i]`` of ``k, v
     (total_tokens, num_kv_heads, head_dim)`` in ``dtype`` (K in the R3 basis, as
     stored); ``max_seq_len`` (host int) sizes the grid. Rows not covered stay
-    zero. Equivalent to :func:`kv4_cache_dequant_ref` (both compute
+    zero (undefined with ``zero_fill=False``, for callers that cover every row
+    or never read the others). Equivalent to :func:`kv4_cache_dequant_ref` (both compute
     ``scale * (q - zero)`` in float32, then round to ``dtype``).
     """
     _check_dequant(kv_cache, block_table, seq_lens, cu_seqlens_k, head_dim)
     H = kv_cache.shape[1]
-    k = torch.zeros(total_tokens, H, head_dim, dtype=dtype, device=kv_cache.device)
-    v = torch.zeros_like(k)
+    alloc = torch.zeros if zero_fill else torch.empty
+    k = alloc(total_tokens, H, head_dim, dtype=dtype, device=kv_cache.device)
+    v = alloc(total_tokens, H, head_dim, dtype=dtype, device=kv_cache.device)
     S = seq_lens.shape[0]
     if S == 0 or max_seq_len <= 0:
         return k, v

@@ -39,13 +39,14 @@ def test_prefill_sweep_runs_every_variant_and_keeps_failures(kva, monkeypatch):
     md = kva._markdown({"device": "cpu", "torch": "t", "triton": "t", "vllm": "v",
                         "decode": [], "write": [], "prefill": [res], "mixed": []})
     assert "| bm128 tn32 w4 sub inorder | " in md and "| bm16 tn16 w4 nibble | - |" in md
+    assert res["ours_flash_ms"] > 0 and res["flash_bf16_ms"] > 0
 
 
 def test_mixed_case_times_each_path(kva):
     g = torch.Generator().manual_seed(1)
     m = kva.mixed_case("toy", g, "cpu", decodes=3, ctx=37, chunks=((20, 0), (9, 5)))
     for key in ("whole_prefill_ms", "mixed_sub_ms", "mixed_fold_ms", "mixed_magic_ms",
-                "decode_rows_only_ms"):
+                "flash_ms", "flash_split_ms", "decode_rows_only_ms"):
         assert m[key] > 0, key
     assert m["tokens"] == 3 + 20 + 9
     # bf16 varlen flash needs CUDA: on the CPU its error is kept instead of a time

@@ -420,6 +420,66 @@ def test_mixed_dense_split_cpu(q_lens):
         at.kv4_mixed_attention_dense(q, cache, bt, sl, cu, scale, had_size=had)
 
 
+@pytest.mark.parametrize("split_decodes,had", [(False, None), (True, 32)])
+def test_mixed_flash_cpu(split_decodes, had):
+    """kv4_mixed_attention_flash on CPU with the plain-PyTorch varlen stand-in: fresh prompts
+    (one of a single token), a chunk with cached context, decodes and a padding entry all get
+    the reference answer; the flash call sees, for each fresh prompt, exactly its tokens as the
+    cache holds them; the prefill kernel with skip_fresh leaves fresh rows untouched."""
+    g = torch.Generator().manual_seed(41)
+    Hkv, Hq, D = 2, 6, 64
+    seq_lens, q_lens = [20, 37, 1, 17, 9, 0, 5], [20, 3, 1, 1, 9, 0, 1]
+    cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, "cpu", had=had)
+    q = torch.randn(sum(q_lens), Hq, D, generator=g)
+    cu = _cu(q_lens, "cpu")
+    scale = 1 / math.sqrt(D)
+    ref = at.kv4_prefill_attention_ref(q, cache, bt, sl, cu, scale, max(q_lens), had_size=had)
+    seen = []
+
+    def varlen(qr, k, v, c, max_q, sc, out):
+        seen.append((k.clone(), v.clone(), c.tolist(), max_q, sc))
+        return at.varlen_causal_ref(qr, k, v, c, max_q, sc, out)
+    out = at.kv4_mixed_attention_flash(q, cache, bt, sl, cu, scale, max(q_lens),
+                                       out=torch.full_like(q, float("nan")), had_size=had,
+                                       varlen=varlen, split_decodes=split_decodes,
+                                       prefill_kw={"block_m": 16, "tile_n": 16})
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    (k, v, c, max_q, sc), = seen
+    assert c == cu.tolist() and max_q == 20 and sc == pytest.approx(scale / kc.had_norm(D, had))
+    for i, (L, n) in enumerate(zip(seq_lens, q_lens)):
+        if L == n and n:
+            ks, vs = kc.kv4_cache_gather_ref(cache, bt[i], L, D)
+            torch.testing.assert_close(k[c[i]:c[i + 1]], ks, rtol=0, atol=1e-6)
+            torch.testing.assert_close(v[c[i]:c[i + 1]], vs, rtol=0, atol=1e-6)
+    fresh = torch.zeros(q.shape[0], dtype=torch.bool)
+    for i, (L, n) in enumerate(zip(seq_lens, q_lens)):
+        fresh[c[i]:c[i + 1]] = L == n
+    p = at.kv4_prefill_attention(q, cache, bt, sl, cu, scale, max(q_lens), had_size=had,
+                                 out=torch.full_like(q, 7.0), skip_fresh=True, block_m=16,
+                                 tile_n=16)
+    assert bool((p[fresh] == 7.0).all())
+    torch.testing.assert_close(p[~fresh], ref[~fresh], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_mixed_flash_gpu_bf16():
+    """kv4_mixed_attention_flash on Llama-3-8B shapes in bf16 (fresh 1000- and 513-token
+    prompts, a chunk with context, decodes), through torch's varlen_attn and, where vLLM is
+    installed, through the FlashAttention the plugin uses."""
+    seq_lens, q_lens = [1000, 1000, 33, 513, 5, 300], [1, 1000, 1, 513, 1, 45]
+    args, ref, tol = _bf16_case(43, seq_lens, q_lens)
+    varlens = [("torch", None)]
+    try:
+        from spinquant_vllm.attention import flash_varlen
+        varlens.append(flash_varlen()[::-1])
+    except ImportError:
+        pass
+    for name, fn in varlens:
+        for split in (False, True):
+            out = at.kv4_mixed_attention_flash(*args, max(q_lens), varlen=fn, split_decodes=split)
+            assert (out.float() - ref).abs().max().item() <= tol, (name, split)
+
+
 @pytest.mark.parametrize("module", ["attention", "kv_cache", "w4a4_gemm", "hadamard_quant",
                                     "hadamard", "linear", "format"])
 def test_kernel_modules_resolve_every_global(module):

@@ -155,10 +155,12 @@ def test_impl_write_and_attend_match_references():
     cu = torch.tensor([0, 20, 27], dtype=torch.int32, device=dev)
     meta = types.SimpleNamespace(num_actual_tokens=T, max_query_len=20, query_start_loc=cu,
                                  seq_lens=seq_lens, block_table=block_table, slot_mapping=slots)
-    out = torch.empty(T, Hq, D, device=dev)
-    impl.forward(layer, q, k, v, kv_cache, meta, out)
     ref = at.kv4_prefill_attention_ref(q, kv_cache, block_table, seq_lens, cu, impl.scale, 20)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for impl.prefill_mode in ("triton", "flash", "flash_split"):   # two fresh prompts
+        out = torch.full((T, Hq, D), 7.0, device=dev)
+        impl.forward(layer, q, k, v, kv_cache, meta, out)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{impl.prefill_mode}: {m}")
     # one decode step for both sequences
     q1 = torch.randn(2, Hq, D, generator=g).to(dev)
     k1 = torch.randn(2, Hkv, D, generator=g).to(dev)
@@ -186,7 +188,8 @@ def test_impl_write_and_attend_match_references():
     meta = types.SimpleNamespace(num_actual_tokens=5, max_query_len=4, query_start_loc=cu2,
                                  seq_lens=seq_lens, block_table=block_table, slot_mapping=s2)
     ref2 = at.kv4_prefill_attention_ref(q2, kv_cache, block_table, seq_lens, cu2, impl.scale, 4)
-    modes = [("split", "sub"), ("split", "magic"), ("triton", "fold"), ("triton", "sub")]
+    modes = [("split", "sub"), ("split", "magic"), ("triton", "fold"), ("flash", "sub"),
+             ("flash_split", "sub"), ("triton", "sub")]
     for impl.prefill_mode, impl.unpack in modes:
         impl.prefill_kw = {"unpack": impl.unpack, "block_m": 16, "tile_n": 16}
         out2 = torch.full((5, Hq, D), 7.0, device=dev)
@@ -207,8 +210,9 @@ def test_prefill_mode_env_is_checked(monkeypatch, tmp_path):
     monkeypatch.setenv(sa.UNPACK_ENV, "magic")
     impl = sa.SpinQuantKV4Impl(8, 64, 0.125, 2)
     assert (impl.prefill_mode, impl.unpack) == ("triton", "magic")
-    monkeypatch.setenv(sa.PREFILL_ENV, "split")
-    assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).prefill_mode == "split"
+    for mode in ("split", "flash", "flash_split"):
+        monkeypatch.setenv(sa.PREFILL_ENV, mode)
+        assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).prefill_mode == mode
     monkeypatch.setenv(sa.PREFILL_CFG_ENV, "256,64,8,2")
     assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).prefill_kw == {
         "unpack": "magic", "block_m": 256, "tile_n": 64, "num_warps": 8, "num_stages": 2}
