@@ -72,11 +72,18 @@ ENV_FLAGS = {
 PF_FLAG = re.compile(r"pf(\d+)x(\d+)x(\d+)(?:s(\d+))?$")
 
 
+# dc<TILE_N>x<WARPS>[s<SPLITS>]: the KV4 decode kernel's settings (SPINQUANT_KV4_DECODE_CFG)
+DC_FLAG = re.compile(r"dc(\d+)x(\d+)(?:s(\d+))?$")
+
+
 def flag_env(flag: str) -> dict:
     """The environment a run flag sets ({} for command-line flags)."""
     m = PF_FLAG.match(flag)
     if m:
         return {"SPINQUANT_KV4_PREFILL_CFG": ",".join(x for x in m.groups() if x is not None)}
+    m = DC_FLAG.match(flag)
+    if m:
+        return {"SPINQUANT_KV4_DECODE_CFG": ",".join(x for x in m.groups() if x is not None)}
     return ENV_FLAGS.get(flag, {})
 
 
@@ -129,9 +136,10 @@ def parse_run(name: str):
         raise ValueError(f"run kind must be one of {sorted(KINDS)}, got {kind!r}")
     cfg, *flags = rest.split("+")
     for f in flags:
-        if f not in FLAGS and f not in ENV_FLAGS and not PF_FLAG.match(f):
-            raise ValueError(f"run flag must be one of {sorted({**FLAGS, **ENV_FLAGS})} or "
-                             f"pf<BLOCK_M>x<TILE_N>x<WARPS>[s<STAGES>], got {f!r}")
+        if f not in FLAGS and f not in ENV_FLAGS and not PF_FLAG.match(f) and not DC_FLAG.match(f):
+            raise ValueError(f"run flag must be one of {sorted({**FLAGS, **ENV_FLAGS})}, "
+                             f"pf<BLOCK_M>x<TILE_N>x<WARPS>[s<STAGES>] or "
+                             f"dc<TILE_N>x<WARPS>[s<SPLITS>], got {f!r}")
     return kind, cfg, flags
 
 

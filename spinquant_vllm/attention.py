@@ -111,6 +111,30 @@ def prefill_cfg_from_env() -> dict:
     return kw
 
 
+# The decode kernel's settings, "TILE_N,WARPS[,SPLITS]" (default: the kernel's own, with the
+# split count from the batch size). Applies to pure decode batches and to the decode rows of
+# the split modes (which run unsplit unless SPLITS is given).
+DECODE_CFG_ENV = "SPINQUANT_KV4_DECODE_CFG"
+
+
+def decode_cfg_from_env() -> dict:
+    """kv4_decode_attention keyword arguments from ``$SPINQUANT_KV4_DECODE_CFG``."""
+    text = os.environ.get(DECODE_CFG_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        vals = [int(x) for x in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) not in (2, 3) or min(vals) < 1 or any(v & (v - 1) for v in vals):
+        raise ValueError(f"{DECODE_CFG_ENV} must be TILE_N,WARPS[,SPLITS] (powers of two), "
+                         f"got {text!r}")
+    kw = {"tile_n": vals[0], "num_warps": vals[1]}
+    if len(vals) == 3:
+        kw["num_splits"] = vals[2]
+    return kw
+
+
 # Diagnostics: a file path; the impl then times its attention calls with CUDA events (not
 # while a CUDA graph is being captured) and on the host (wall time of the Python call: Triton
 # compiling a kernel variant on first use shows up there as a stall), and rewrites that file
@@ -419,6 +443,7 @@ class SpinQuantKV4Impl(AttentionImpl):
             raise ValueError(f"{UNPACK_ENV} must be one of {', '.join(UNPACK_MODES)}, "
                              f"got {self.unpack!r}")
         self.prefill_kw = {"unpack": self.unpack, **prefill_cfg_from_env()}
+        self.decode_kw = {"unpack": self.unpack, **decode_cfg_from_env()}
         self._flash_logged = False
         timing = os.environ.get(TIMING_ENV, "")
         self.timer = _shared_timer(timing) if timing else None
@@ -476,7 +501,7 @@ class SpinQuantKV4Impl(AttentionImpl):
             # default splits depend on the batch size only: CUDA-graph safe
             kv4_decode_attention(
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
-                out=out, had_size=self.had_size, hadamard=had, unpack=self.unpack)
+                out=out, had_size=self.had_size, hadamard=had, **self.decode_kw)
         elif self.prefill_mode == "dense" and q.is_cuda:
             kv4_mixed_attention_dense(
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale, out=out,
@@ -494,12 +519,12 @@ class SpinQuantKV4Impl(AttentionImpl):
                 attn_metadata.max_query_len, out=out, had_size=self.had_size, hadamard_perm=had,
                 hadamard_full=hads[2], varlen=varlen,
                 split_decodes=self.prefill_mode == "flash_split", prefill_kw=self.prefill_kw,
-                decode_kw={"unpack": self.unpack})
+                decode_kw=self.decode_kw)
         elif self.prefill_mode == "split":
             kv4_mixed_attention(
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
                 attn_metadata.max_query_len, out=out, had_size=self.had_size, hadamard=had,
-                prefill_kw=self.prefill_kw, decode_kw={"unpack": self.unpack})
+                prefill_kw=self.prefill_kw, decode_kw=self.decode_kw)
         else:
             kv4_prefill_attention(
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
@@ -509,6 +534,7 @@ class SpinQuantKV4Impl(AttentionImpl):
 
 __all__ = [
     "BACKEND_CLASS_PATH",
+    "DECODE_CFG_ENV",
     "PREFILL_CFG_ENV",
     "TIMING_ENV",
     "KV_CACHE_DTYPE",
@@ -517,6 +543,7 @@ __all__ = [
     "SpinQuantKV4Impl",
     "SpinQuantKV4MetadataBuilder",
     "get_attention_quant_method",
+    "decode_cfg_from_env",
     "prefill_cfg_from_env",
     "register_attention_backend",
 ]

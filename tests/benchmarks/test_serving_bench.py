@@ -72,6 +72,10 @@ def test_prefill_tile_and_unpack_flags(bench):
     assert (b["result"]["cfg_env"], b["result"]["unpack_env"]) == ("64,32,4", None)
     with pytest.raises(ValueError, match="pf<BLOCK_M>x<TILE_N>x<WARPS>"):
         bench("--runs", "lat1:bf16+pf256x64")
+    c = bench("--runs", "lat1:bf16+dc64x8s2+flashsplit")["runs"]["lat1:bf16+dc64x8s2+flashsplit"]
+    assert c["env"] == {"SPINQUANT_KV4_DECODE_CFG": "64,8,2", "SPINQUANT_KV4_PREFILL": "flash_split"}
+    with pytest.raises(ValueError, match="dc<TILE_N>x<WARPS>"):
+        bench("--runs", "lat1:bf16+dc64")
 
 
 def test_skip_done_reruns_only_failed_runs(bench):

@@ -221,6 +221,15 @@ def test_prefill_mode_env_is_checked(monkeypatch, tmp_path):
         with pytest.raises(ValueError, match=f"{sa.PREFILL_CFG_ENV} must be .* got '{bad}'"):
             sa.SpinQuantKV4Impl(8, 64, 0.125, 2)
     monkeypatch.delenv(sa.PREFILL_CFG_ENV)
+    assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).decode_kw == {"unpack": "magic"}
+    monkeypatch.setenv(sa.DECODE_CFG_ENV, "64,8,2")
+    assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).decode_kw == {
+        "unpack": "magic", "tile_n": 64, "num_warps": 8, "num_splits": 2}
+    for bad in ("64", "64,8,3", "a,b", "0,4"):
+        monkeypatch.setenv(sa.DECODE_CFG_ENV, bad)
+        with pytest.raises(ValueError, match=f"{sa.DECODE_CFG_ENV} must be .* got '{bad}'"):
+            sa.SpinQuantKV4Impl(8, 64, 0.125, 2)
+    monkeypatch.delenv(sa.DECODE_CFG_ENV)
     assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).timer is None
     monkeypatch.setenv(sa.TIMING_ENV, str(tmp_path / "t" / "calls"))
     a, b = sa.SpinQuantKV4Impl(8, 64, 0.125, 2), sa.SpinQuantKV4Impl(8, 64, 0.125, 2)
