@@ -46,12 +46,13 @@ ENV_FLAGS = {
     # SpinQuant KV4 prefill through dequantize + varlen flash (spinquant_vllm/attention.py)
     "denseprefill": {"SPINQUANT_KV4_PREFILL": "dense"},
     # a mixed batch's one-row sequences through the decode kernel, the rest through the prefill
-    # kernel (opt-in); "wholeprefill" names the default (the whole batch through the prefill
-    # kernel) explicitly, as session 7's A/B runs did while "split" was briefly the default
+    # kernel; "wholeprefill": the whole batch through the prefill kernel (the default until
+    # session 8)
     "splitprefill": {"SPINQUANT_KV4_PREFILL": "split"},
     "wholeprefill": {"SPINQUANT_KV4_PREFILL": "triton_whole"},
     # fresh prompts through vLLM's FlashAttention over K/V read back from the 4-bit cache, the
-    # rest through the prefill kernel ("flashsplit": decode rows through the decode kernel)
+    # rest through the prefill kernel ("flashsplit": decode rows through the decode kernel;
+    # with the "magic" unpack, the default since session 8)
     "flashprefill": {"SPINQUANT_KV4_PREFILL": "flash"},
     "flashsplit": {"SPINQUANT_KV4_PREFILL": "flash_split"},
     # how the KV4 attention kernels unpack codes (spinquant_vllm/attention.py UNPACK_ENV)
@@ -87,6 +88,10 @@ def flag_env(flag: str) -> dict:
     return ENV_FLAGS.get(flag, {})
 
 
+# The SpinQuant KV4 path (prefill mode / code unpacking) this build runs when no flag picks
+# another: spinquant_vllm.attention's PREFILL_DEFAULT / UNPACK_DEFAULT (a test keeps them equal).
+# Recorded in the raw file, so benchmarks/report.py can key each W4A4KV4 run by the path it took.
+KV4_DEFAULT = "flash_split/magic"
 # (prompt tokens, output tokens, prompts) of the throughput runs. vLLM 0.26's `bench throughput`
 # takes a random dataset's lengths from --random-input-len / --random-output-len, whose defaults
 # (1024 / 128) win over --input-len / --output-len: sessions 1-7 passed only the latter and so
@@ -174,6 +179,11 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     raw_path = os.path.join(args.out, "serving_raw.json")
     doc = provenance.resume_doc(args.resume, {"runs": {}})
+    if doc["runs"] and doc.get("kv4_default") != KV4_DEFAULT:
+        raise SystemExit(f"--resume file was written by a build whose KV4 default was "
+                         f"{doc.get('kv4_default', 'not recorded')!r}, this one runs "
+                         f"{KV4_DEFAULT!r}: start a new file")
+    doc["kv4_default"] = KV4_DEFAULT
     models = os.path.abspath(args.models)
     tokenizer = os.path.join(models, "tokenizer")
     t0 = time.time()

@@ -66,28 +66,28 @@ logger = logging.getLogger(__name__)
 # vLLM's name for the 4-bit per-(token, head) page layout that we reuse.
 KV_CACHE_DTYPE = "int4_per_token_head"
 BACKEND_CLASS_PATH = "spinquant_vllm.attention.SpinQuantKV4Backend"
-# Batches with prefill rows: "triton" (default) runs the whole batch through the
-# Triton prefill kernel, which reads the 4-bit cache per query block (decode rows
-# of a mixed batch included); "split" sends the batch's one-row sequences
-# (decodes) to the decode kernel and the others to the prefill kernel
-# (kv4_mixed_attention, decided on the device): 1.1-2.2x less attention time
-# per mixed step, but end to end it varied between 0.73x and 1.01x of "triton"
-# (session 7, docs/KV_CACHE.md), so it is opt-in; "dense" dequantizes each
-# prefill sequence once and runs varlen flash, decode rows to the decode kernel
-# (0.90x, session 6). "flash" sends the sequences with no cached context (new
-# prompts: most of the prefill work) through vLLM's FlashAttention over their
-# K/V read back from the 4-bit cache, the rest of the batch (decode rows and
-# chunks with context) through the Triton prefill kernel; "flash_split" sends
-# the decode rows to the decode kernel instead (kv4_mixed_attention_flash).
-# "triton_whole" is accepted for "triton" (the name of session 7's A/B runs,
-# when "split" was briefly the default).
+# Batches with prefill rows (SPINQUANT_KV4_PREFILL):
+# * "flash_split" (default since session 8): sequences with no cached context (new prompts,
+#   most of the prefill work) go through vLLM's FlashAttention (FA3 on the H100) over their
+#   K/V read back from the 4-bit cache, one-row sequences (the decodes of a mixed batch) through
+#   the decode kernel, chunks with cached context through the Triton prefill kernel
+#   (kv4_mixed_attention_flash). Session 8, side by side with W4A4KV16 on the H100: 1.05x its
+#   output tok/s at 1024/256 and 1.20x at 4096/512 (docs/KV_CACHE.md).
+# * "flash": the same with the decode rows through the prefill kernel.
+# * "triton": the whole batch through the Triton prefill kernel (the default before session 8:
+#   0.92x and 0.85x of W4A4KV16 on those workloads); "triton_whole" is accepted for it.
+# * "split": decodes to the decode kernel, the rest to the prefill kernel (kv4_mixed_attention).
+# * "dense": dequantize each prefill sequence's whole context, then torch's varlen flash.
 PREFILL_ENV = "SPINQUANT_KV4_PREFILL"
 PREFILL_MODES = ("triton", "split", "dense", "flash", "flash_split")
+PREFILL_DEFAULT = "flash_split"
 _PREFILL_ALIASES = {"triton_whole": "triton"}
-# How the attention kernels turn 4-bit codes into tensor-core operands:
-# "sub", "fold" or "magic" (spinquant_kernels.attention.kv4_prefill_attention).
+# How the attention kernels turn 4-bit codes into tensor-core operands: "sub", "fold" or
+# "magic" (spinquant_kernels.attention.kv4_prefill_attention). "magic" (136 + c as bf16 bit
+# patterns) is the default since session 8: the decode kernel at 440 sequences x 4608 tokens
+# took 1.56 ms with it against 2.40 ms with "sub" (vLLM's FA3 over a bf16 cache: 2.72 ms).
 UNPACK_ENV = "SPINQUANT_KV4_UNPACK"
-UNPACK_DEFAULT = "sub"
+UNPACK_DEFAULT = "magic"
 # The prefill kernel's tiles, "BLOCK_M,TILE_N,WARPS[,STAGES]" (default: the kernel's own).
 PREFILL_CFG_ENV = "SPINQUANT_KV4_PREFILL_CFG"
 
@@ -433,7 +433,7 @@ class SpinQuantKV4Impl(AttentionImpl):
             raise ValueError(f"had_size={self.had_size} must be 0 or a Hadamard order "
                              f"dividing head_size={head_size}")
         self._had: dict[torch.dtype, tuple] = {}
-        mode = os.environ.get(PREFILL_ENV, "triton")
+        mode = os.environ.get(PREFILL_ENV, PREFILL_DEFAULT)
         self.prefill_mode = _PREFILL_ALIASES.get(mode, mode)
         if self.prefill_mode not in PREFILL_MODES:
             raise ValueError(f"{PREFILL_ENV} must be one of {', '.join(PREFILL_MODES)}, "
@@ -506,7 +506,9 @@ class SpinQuantKV4Impl(AttentionImpl):
             kv4_mixed_attention_dense(
                 q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale, out=out,
                 had_size=self.had_size, hadamard_perm=had, hadamard_full=hads[2])
-        elif self.prefill_mode in ("flash", "flash_split"):
+        elif self.prefill_mode in ("flash", "flash_split") and (
+                not q.is_cuda or q.dtype in (torch.float16, torch.bfloat16)):
+            # (flash kernels take fp16/bf16: an fp32 model on the GPU takes the Triton path)
             if q.is_cuda:
                 varlen, name = flash_varlen()
                 if not self._flash_logged:

@@ -20,6 +20,10 @@ to the probabilities (V). Packed bytes hold even and odd elements, so Q and the
 output are handled as even/odd halves (two products each) instead of
 interleaving nibbles.
 
+:func:`kv4_mixed_attention_flash` (the plugin's default) sends sequences with
+no cached context to a varlen flash kernel over their K/V read back from the
+cache, and the rest of the batch to the two Triton kernels.
+
 :func:`kv4_prefill_attention_dense` is the alternative prefill path: dequantize
 each sequence once (``kv_cache.kv4_cache_dequant``) and run varlen flash
 attention on bf16; :func:`kv4_mixed_attention_dense` sends a mixed batch's

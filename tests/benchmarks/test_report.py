@@ -171,3 +171,17 @@ def test_runs_that_vllm_ran_at_its_random_defaults_are_relabelled(tmp_path):
     assert report._serving_file({"tp:bf16": new})["output_tok_s"] == {"bf16": 10240.0}
     with pytest.raises(ValueError, match="total_num_tokens 123"):
         report._serving_file({"tp:bf16": old(256, 400, 123)})
+
+
+@pytest.mark.parametrize("cfg,default,key", [
+    ("spinquant_w4a4kv4", None, "spinquant_w4a4kv4"),                       # old files: as named
+    ("spinquant_w4a4kv4+denseprefill", None, "spinquant_w4a4kv4_denseprefill"),
+    ("spinquant_w4a4kv4", "triton/sub", "spinquant_w4a4kv4_triton_sub"),
+    ("spinquant_w4a4kv4+flashsplit+kvmagic", "triton/sub", "spinquant_w4a4kv4"),
+    ("spinquant_w4a4kv4+flashsplit+kvtiming", "triton/magic", "spinquant_w4a4kv4_kvtiming"),
+    ("spinquant_w4a4kv4+kvsub", "flash_split/magic", "spinquant_w4a4kv4_flash_split_sub"),
+    ("spinquant_w4a4kv4", "flash_split/magic", "spinquant_w4a4kv4"),
+    ("spinquant_w4a4kv4+eager", "flash_split/magic", None),
+    ("spinquant_w4a4kv16+kvmagic", "triton/sub", "spinquant_w4a4kv16_kvmagic")])
+def test_kv4_runs_are_keyed_by_the_path_they_took(cfg, default, key):
+    assert load_script("report").run_key(cfg, default) == key

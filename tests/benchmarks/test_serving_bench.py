@@ -122,3 +122,20 @@ def test_throughput_runs_check_the_workload_vllm_really_ran(bench):
     doc = bench("--runs", "tp:bf16+eager", "--extra=--short")
     rec = doc["runs"]["tp:bf16+eager"]
     assert rec["rc"] == "wrong_workload" and "(409600, 102000)" in rec["workload_error"]
+
+
+def test_raw_file_records_the_kv4_default_and_refuses_another_builds(bench, tmp_path):
+    """The KV4 path of the build is written into the raw file (report.py keys W4A4KV4 runs by
+    it); resuming a file of a build with another default is refused; the constant matches the
+    plugin's defaults and the report's."""
+    from spinquant_vllm import attention as sa
+    doc = bench("--runs", "lat1:bf16")
+    mod = load_script("serving_bench")
+    assert doc["kv4_default"] == mod.KV4_DEFAULT == f"{sa.PREFILL_DEFAULT}/{sa.UNPACK_DEFAULT}"
+    assert tuple(mod.KV4_DEFAULT.split("/")) == load_script("report").KV4_CURRENT
+    raw = tmp_path / "out" / "serving_raw.json"
+    old = json.loads(raw.read_text())
+    old["kv4_default"] = "triton/sub"
+    raw.write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="'triton/sub', this one runs 'flash_split/magic'"):
+        bench("--runs", "lat16:bf16")

@@ -201,6 +201,11 @@ def test_impl_write_and_attend_match_references():
 
 
 def test_prefill_mode_env_is_checked(monkeypatch, tmp_path):
+    monkeypatch.delenv(sa.PREFILL_ENV, raising=False)
+    monkeypatch.delenv(sa.UNPACK_ENV, raising=False)
+    impl = sa.SpinQuantKV4Impl(8, 64, 0.125, 2)   # session 8's measured default
+    assert (impl.prefill_mode, impl.unpack) == ("flash_split", "magic")
+    assert impl.decode_kw == {"unpack": "magic"} and impl.prefill_kw == {"unpack": "magic"}
     monkeypatch.setenv(sa.PREFILL_ENV, "dense")
     assert sa.SpinQuantKV4Impl(8, 64, 0.125, 2).prefill_mode == "dense"
     monkeypatch.setenv(sa.PREFILL_ENV, "fast")
