@@ -635,7 +635,8 @@ def kv4_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
         HEAD_DIM=D, HALF_PAD=triton.next_power_of_2(D // 2),
         TILE_N=tile_n, DT=tl_dt, DOT_IEEE=dt == torch.float32, UNPACK=mode,
         HEAVY_FIRST=bool(heavy_first), SKIP_SINGLE=bool(skip_single_rows),
-        SKIP_FRESH=bool(skip_fresh), num_warps=num_warps, **({} if num_stages is None else {"num_stages": int(num_stages)}),
+        SKIP_FRESH=bool(skip_fresh), num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": int(num_stages)}),
     )
     return out
 

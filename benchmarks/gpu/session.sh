@@ -26,7 +26,8 @@
 #   accbg     .gpu-carry/b                   the missing learned jobs, one background accuracy.py process
 #   accwait   -                              poll them (up to 560 s) and collect what they wrote
 #   tp8b lat8b tpkv8b  .gpu-carry/llama8b    vllm bench throughput / latency side by side, every config
-#                                            with the same short CUDA-graph size list (bench8b)
+#                                            with the same short CUDA-graph size list (bench8b; tpkv8b
+#                                            through benchbg, then poll with benchwait)
 #   bench     .gpu-carry/llama8b             any run list: RUNS="tp:bf16+fp8 lat1:bf16 ..." DEADLINE=300
 #   benchbg   .gpu-carry/llama8b             the same list in the background, across calls (DEADLINE
 #                                            default 1500, RUN_TIMEOUT 480); benchwait polls (WAIT 540)
@@ -262,8 +263,9 @@ lat8b)
   bench8b 300 lat1:bf16 lat1:bf16+fp8 lat1:spinquant_w4a4kv16 lat16:bf16 lat16:bf16+fp8 lat16:spinquant_w4a4kv16
   collect ;;
 tpkv8b)
-  setup
-  bench8b 280 tpkv:spinquant_w4a4kv4 tpkv:spinquant_w4a4kv16 tpkv:bf16+int4kv; collect ;;
+  # since session 8 a tpkv run (4096/512, 1000 prompts) takes 6-7 minutes with start-up, more
+  # than bench8b's per-run limit: start it with benchbg and poll with benchwait
+  RUNS="tpkv:spinquant_w4a4kv4 tpkv:spinquant_w4a4kv16 tpkv:bf16+int4kv" bash benchmarks/gpu/session.sh benchbg ;;
 gpubg)
   # the GPU tests (and the split-K pass) in the background, as vllm2 starts them, for a machine
   # whose vllm2 ran with GPU_TESTS=0 (e.g. after ckcompile, which wants a quiet GPU); any later
