@@ -191,12 +191,12 @@ def _vllm_int4_runner(q, k, v, block_table, slots, L):
 def _vllm_fa_paged(q, k, v, block_table, L):
     """vLLM's FlashAttention decode over a bf16 paged cache of the same K/V and pages (what
     vLLM's FLASH_ATTN backend runs for a 16-bit cache): (run, out); ImportError without vLLM."""
-    from spinquant_vllm.attention import flash_varlen
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
-    if not flash_varlen()[1].startswith("vllm_flash_attn"):
-        raise ImportError(f"vLLM FlashAttention not usable here ({flash_varlen()[1]})")
-    ver = int(flash_varlen()[1].rsplit("FA", 1)[1])
+    ver = get_flash_attn_version()
+    if ver is None:
+        raise ImportError("vLLM FlashAttention not usable here")
     B, _, Hkv, D = k.shape
     nb = int(block_table.max()) + 1
     kc_ = torch.zeros(nb, BLOCK, Hkv, D, dtype=k.dtype, device=k.device)

@@ -112,13 +112,15 @@ wait_acc() {
   cp /tmp/acc_*/rotations_*.pt /tmp/res/ 2>/dev/null
   grep -h "\[accuracy\]" /tmp/res/acc_*.log | tail -40; tail -2 /tmp/res/pytest_gpu.log
 }
+# the CUDA-graph sizes every vllm bench run on the Llama-3-8B-shaped configs captures (bench8b, benchbg)
+BENCH_CCFG="--compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,24,32,48,64,96,128,192,256,384,512]}'"
 # vllm bench runs on the Llama-3-8B-shaped configs; the same short CUDA-graph size list for every
 # configuration keeps each engine start near a minute (this plugin's default 51 sizes take 80-130 s).
 bench8b() {
   # runs done by an earlier call are skipped; deadline + run timeout stay inside one device call
   timeout 575 python3 benchmarks/serving_bench.py --out /tmp/serv --models .gpu-carry/llama8b --deadline-s "$1" \
      --run-timeout-s 250 --resume /tmp/serv/serving_raw.json --skip-done \
-     --extra="--compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,24,32,48,64,96,128,192,256,384,512]}'" \
+     --extra="$BENCH_CCFG" \
      --runs "${@:2}" 2>&1 | tail -12
   cp /tmp/serv/serving_raw.json /tmp/res/serving_raw.json; cp /tmp/serv/serving.log /tmp/res/serving.log
 }
@@ -350,7 +352,7 @@ benchbg)
   setup; free_gpu
   rm -rf /tmp/llama8b && cp -r .gpu-carry/llama8b /tmp/llama8b
   repo=$(pwd)
-  export BENCH_EXTRA="--compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,24,32,48,64,96,128,192,256,384,512]}'"
+  export BENCH_EXTRA="$BENCH_CCFG"
   (cd /tmp && setsid nohup bash -c "cd $repo && source benchmarks/gpu/setup.sh >/dev/null 2>&1; \
       python3 benchmarks/serving_bench.py --out /tmp/serv --models /tmp/llama8b \
         --deadline-s ${DEADLINE:-1500} --run-timeout-s ${RUN_TIMEOUT:-480} \
