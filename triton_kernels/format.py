@@ -38,6 +38,25 @@ CODE_DTYPE = torch.int8
 # Smallest scale: keeps all-zero rows (padding tokens, dead channels) finite.
 MIN_SCALE = 1e-8
 
+# ----------------------------------------------------------------------------
+# what a checkpoint quantizes, and the tensor names it stores
+# ----------------------------------------------------------------------------
+WEIGHT_BITS = 4
+# int4 codes per packed byte
+PACK_FACTOR = 8 // WEIGHT_BITS
+# The projections whose weights are 4-bit (vLLM names, unfused and fused: Llama/Qwen2/Mistral
+# families). Every other linear (lm_head) stays 16-bit.
+QUANTIZED_PROJECTIONS = frozenset({
+    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj",
+    "gate_proj", "up_proj", "down_proj", "gate_up_proj",
+})
+# The projections whose input gets the online Hadamard R4 (block size ``r4_size``).
+R4_PROJECTIONS = frozenset({"down_proj"})
+# Tensor names of a quantized linear ``<module>``: ``<module>.qweight`` (N, K/2) uint8
+# (``pack_int4`` of the codes) and ``<module>.weight_scale`` (N,) float32.
+QWEIGHT_SUFFIX = "qweight"
+SCALE_SUFFIX = "weight_scale"
+
 
 # ----------------------------------------------------------------------------
 # bit widths
@@ -351,6 +370,41 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     hi = (u >> 4) & 0xF
     q = torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
     return torch.where(q >= 8, q - 16, q).to(CODE_DTYPE)
+
+
+# ----------------------------------------------------------------------------
+# KV cache scale word: the float32 scale with the zero point in its mantissa
+# ----------------------------------------------------------------------------
+KV_BITS = 4
+# Bytes of the scale word stored after the codes of each (token, kv head) vector.
+KV_SCALE_BYTES = 4
+# The low mantissa bits of the float32 scale that carry the zero point (one code's worth).
+KV_ZERO_MASK = (1 << KV_BITS) - 1
+
+
+def kv_truncate_scale(scale: torch.Tensor) -> torch.Tensor:
+    """float32 scale with its :data:`KV_BITS` low mantissa bits cleared (positive scales shrink)."""
+    bits = scale.to(torch.float32).contiguous().view(torch.int32)
+    return (bits & ~KV_ZERO_MASK).view(torch.float32)
+
+
+def kv_pack_scale_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``(scale f32, integer zero f32 in [qmin, qmax] of KV_BITS) -> int32 word`` (same shape).
+
+    The scale is truncated (:func:`kv_truncate_scale`); the zero's two's complement
+    pattern fills the cleared bits.
+    """
+    bits = kv_truncate_scale(scale).view(torch.int32)
+    return bits | (zero.to(torch.int32) & KV_ZERO_MASK)
+
+
+def kv_unpack_scale_zero(word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`kv_pack_scale_zero`: ``int32 -> (scale f32, zero f32)``."""
+    w = word.to(torch.int32)
+    scale = (w & ~KV_ZERO_MASK).contiguous().view(torch.float32)
+    zn = w & KV_ZERO_MASK
+    zero = torch.where(zn > qmax(KV_BITS), zn - (1 << KV_BITS), zn).to(torch.float32)
+    return scale, zero
 
 
 # ----------------------------------------------------------------------------
