@@ -42,37 +42,35 @@ def serving_key(cfg: str) -> str | None:
     return None
 
 
-# The SpinQuant KV4 attention path (prefill mode, code unpacking) of today's build, and the run
-# flags that pick another. From session 8 on, raw files record the path of the build that ran
-# them as "kv4_default" ("prefill/unpack"); there a W4A4KV4 run is keyed by the path it took:
-# ``spinquant_w4a4kv4`` when that is today's default, ``spinquant_w4a4kv4_<prefill>_<unpack>``
-# otherwise. Older files keep their flag-named keys.
-KV4_CURRENT = ("flash_split", "magic")
-KV4_PATH_FLAGS = {"flashsplit": ("prefill", "flash_split"), "flashprefill": ("prefill", "flash"),
-                  "splitprefill": ("prefill", "split"), "wholeprefill": ("prefill", "triton"),
-                  "denseprefill": ("prefill", "dense"), "kvsub": ("unpack", "sub"),
-                  "kvfold": ("unpack", "fold"), "kvmagic": ("unpack", "magic")}
+# The plugin's one KV4 attention path as (prefill, unpack), and the run flags that selected its
+# parts in a build that had others. A raw file from such a build records that build's own KV4
+# path as "kv4_default" ("prefill/unpack"); its W4A4KV4 runs are keyed by the path they took:
+# ``spinquant_w4a4kv4`` for the plugin's path, ``spinquant_w4a4kv4_<prefill>_<unpack>`` for
+# another. A file without "kv4_default" ran the plugin's path in every W4A4KV4 run.
+KV4_PATH = ("flash_split", "magic")
+KV4_PATH_FLAGS = {"flashsplit": ("prefill", "flash_split"), "kvmagic": ("unpack", "magic")}
 
 
 def run_key(cfg: str, kv4_default: str | None = None) -> str | None:
     """The summary key of a run's config: :func:`serving_key`, except for W4A4KV4 runs of a
-    file that records its build's KV4 path (``kv4_default``), keyed by the path they took."""
+    file that records its build's KV4 path (``kv4_default``), keyed by the path they took.
+    Raises ValueError for a flag of such a run that is neither a KV4 path flag of
+    ``KV4_PATH_FLAGS`` nor ``eager``: its path cannot be told."""
     parts = cfg.split("+")
     if parts[0] != "spinquant_w4a4kv4" or kv4_default is None:
         return serving_key(cfg)
     if "eager" in parts:
         return None
     path = dict(zip(("prefill", "unpack"), kv4_default.split("/")))
-    rest = []
     for f in parts[1:]:
-        if f in KV4_PATH_FLAGS:
-            k, v = KV4_PATH_FLAGS[f]
-            path[k] = v
-        else:
-            rest.append(f)
-    base = ("spinquant_w4a4kv4" if (path["prefill"], path["unpack"]) == KV4_CURRENT
-            else f"spinquant_w4a4kv4_{path['prefill']}_{path['unpack']}")
-    return "_".join([base] + rest)
+        if f not in KV4_PATH_FLAGS:
+            raise ValueError(f"run config {cfg!r}: flag {f!r} is not one of the KV4 path flags "
+                             f"{sorted(KV4_PATH_FLAGS)} of a file with kv4_default {kv4_default!r}")
+        k, v = KV4_PATH_FLAGS[f]
+        path[k] = v
+    if (path["prefill"], path["unpack"]) == KV4_PATH:
+        return "spinquant_w4a4kv4"
+    return f"spinquant_w4a4kv4_{path['prefill']}_{path['unpack']}"
 
 
 def _load(path):
@@ -85,13 +83,44 @@ def _geomean(xs):
 
 
 # ----------------------------------------------------------------------------
+# which files: raw results are named ``<date>[_<HHMM>]_<what>.<ext>`` (UTC; the time only where
+# one date holds two runs of the same benchmark), so each kind is found by how its name ends
+# ----------------------------------------------------------------------------
+FILES = {"accuracy": "accuracy/*.json",                       # those holding "jobs" (accuracy.py)
+         "rotation_ablation": "accuracy/*_rotation_ablation_cpu.json",
+         "kurtosis": "accuracy/*_kurtosis.json",
+         "kernels": "kernels/*_gemm.json",                    # whole runs; parts end _gemm_part_*
+         "throughput": "serving/*_throughput.json",           # serving_bench.py
+         "served_accuracy": "serving/*/served_accuracy_*.json",
+         "server_check": "serving/*_server_check.json",
+         "server_overhead": "serving/*_server_overhead.json",
+         "sweep": "serving/*_sweep.json",
+         "noise_floor": "serving/*/noise_floor_*.json",
+         "agreement_floor": "serving/*/agreement_floor_*.json"}
+
+
+def find(results: str, kind: str, date_field: str | None = None) -> list[str]:
+    """The files of one kind (a key of ``FILES``) under ``results``, oldest first: by the date
+    each records under ``date_field`` (ISO strings sort in time order), else by name."""
+    paths = sorted(glob.glob(os.path.join(results, FILES[kind])))
+    if date_field:
+        paths.sort(key=lambda p: _load(p).get(date_field) or "")
+    return paths
+
+
+# ----------------------------------------------------------------------------
 # accuracy
 # ----------------------------------------------------------------------------
 def accuracy_section(files):
+    """accuracy.py raw files, oldest first (a later file's result for a job replaces an earlier
+    one's) -> the summary's accuracy entry and the per-job table rows. Files without ``jobs``
+    (kurtosis, rotation ablation) are skipped."""
     jobs, sources = {}, []
     header = None
     for path in files:
         d = _load(path)
+        if "jobs" not in d:
+            continue
         header = header or d
         sources.append({"file": os.path.relpath(path, RESULTS), "command": d.get("command"),
                         "device": d.get("device"), "date": d.get("date"), "versions": d.get("versions"),
@@ -175,38 +204,27 @@ def kernels_section(path):
 # ----------------------------------------------------------------------------
 # serving
 # ----------------------------------------------------------------------------
-# vLLM 0.26's `bench throughput --dataset-name random` takes its lengths from --random-input-len /
-# --random-output-len, defaults 1024 / 128, which win over --input-len / --output-len
-VLLM_RANDOM_DEFAULTS = (1024, 128)
 # the workloads the headline tables are about: tp (the issue's 1024/256) and tpkv (4096/512)
 HEADLINE_WORKLOADS = {(1024, 256): "output_tok_s", (4096, 512): "tpkv_output_tok_s"}
 
 
 def run_workload(rec) -> tuple[int, int, int]:
-    """(prompt tokens, output tokens, prompts) a finished ``bench throughput`` run really had.
-
-    Runs from session 8 on record the token counts vLLM printed. Older runs passed only
-    ``--input-len`` / ``--output-len``, which vLLM ignored for the random dataset; their lengths
-    are those of ``--random-*`` in the command or vLLM's defaults, and are checked against the
-    total token count vLLM wrote (ValueError when they disagree)."""
-    res = rec["result"]
-    n = int(res["num_requests"])
-    if "prompt_tokens" in rec and "output_tokens" in rec:
-        return int(rec["prompt_tokens"]) // n, int(rec["output_tokens"]) // n, n
-    cmd = rec["cmd"].split()
-    inp, outp = (int(cmd[cmd.index(f) + 1]) if f in cmd else d
-                 for f, d in zip(("--random-input-len", "--random-output-len"), VLLM_RANDOM_DEFAULTS))
-    if int(res["total_num_tokens"]) != n * (inp + outp):
-        raise ValueError(f"run {rec['cmd']!r}: {n} requests x ({inp} + {outp}) tokens != "
-                         f"total_num_tokens {res['total_num_tokens']}")
-    return inp, outp, n
+    """(prompt tokens, output tokens, prompts) per request of a finished ``bench throughput`` run,
+    from the token counts vLLM printed (serving_bench.py records them as ``prompt_tokens`` /
+    ``output_tokens``). The workload is read from what vLLM did, not from the command: vLLM 0.26's
+    random dataset ignores ``--input-len`` / ``--output-len``. Raises ValueError for a run
+    without the counts."""
+    n = int(rec["result"]["num_requests"])
+    if "prompt_tokens" not in rec or "output_tokens" not in rec:
+        raise ValueError(f"run {rec.get('cmd')!r}: no prompt_tokens / output_tokens recorded, so its "
+                         "workload is unknown")
+    return int(rec["prompt_tokens"]) // n, int(rec["output_tokens"]) // n, n
 
 
 def _serving_file(runs, kv4_default: str | None = None):
     """Headline numbers of one serving_bench.py raw file's runs. Throughput is output tokens
-    per second of the workload the run really had: the 1024/256 and 4096/512 ones under their
-    keys, any other (sessions 1-7 measured vLLM's 1024/128 default under both names) under
-    ``other_output_tok_s`` by workload."""
+    per second of the workload the run had: the 1024/256 and 4096/512 ones under their keys,
+    any other under ``other_output_tok_s`` by workload."""
     out = {"output_tok_s": {}, "latency_bs1_s": {}, "latency_bs16_s": {}, "kv_capacity_tokens": {},
            "weight_memory_gib": {}, "tpkv_output_tok_s": {}, "other_output_tok_s": {}, "failed": []}
     for name, rec in runs.items():
@@ -241,18 +259,15 @@ def _serving_file(runs, kv4_default: str | None = None):
 
 
 def serving_section(files):
-    """Per raw file (one machine session each), plus the newest file's numbers as the headline."""
+    """Per serving_bench.py raw file (one machine's runs each), plus the headline: the newest
+    file's numbers, completed from the newest files that have what it lacks."""
     by_file = {}
     for path in files:
         d = _load(path)
-        if "runs" not in d:
-            continue  # e.g. a serving_sweep raw file
         rec = _serving_file(d["runs"], d.get("kv4_default"))
         rec["invocations"] = d.get("invocations", [])
         if d.get("note"):
             rec["note"] = d["note"]
-        if d.get("ab_only"):   # an A/B of switches, not a headline measurement (session 7's)
-            rec["ab_only"] = True
         by_file[os.path.relpath(path, RESULTS)] = rec
     if not by_file:
         return None
@@ -260,20 +275,18 @@ def serving_section(files):
         return max((i.get("date") or "" for i in by_file[f]["invocations"]), default="")
 
     # the headline: the newest file with the 1024/256 runs; the 4096/512 numbers from the
-    # newest file holding both SpinQuant caches. Files marked ab_only (an A/B of kernel
-    # switches whose run names meant another path in that build, session 7's) are shown
-    # below but give no headline.
-    pool = [f for f in by_file if not by_file[f].get("ab_only")] or list(by_file)
+    # newest file holding both SpinQuant caches
+    pool = list(by_file)
     with_tp = [f for f in pool if by_file[f].get("output_tok_s")] or pool
     newest = max(with_tp, key=date)
     head = by_file[newest]
     out = {"device": head["invocations"][0]["device"] if head["invocations"] else None,
            "workload": "vllm bench throughput, random, 1024 in / 256 out, 400 prompts (4096 in / 512 out, "
                        "1000 prompts where KV capacity binds); vllm bench latency, "
-                       "512 in / 128 out, batch 1 and 16; Llama-3-8B shapes (dummy weights)",
+                       "512 in / 128 out, batch 1 and 16, where measured; Llama-3-8B shapes (dummy weights)",
            "headline_source": newest}
     out.update({k: v for k, v in head.items()
-                if k not in ("invocations", "note", "tpkv_output_tok_s", "other_output_tok_s", "ab_only")})
+                if k not in ("invocations", "note", "tpkv_output_tok_s", "other_output_tok_s")})
     # issue 4's comparison set (W4A4KV16 against bf16 and FP8, vLLM's int4 cache) from the newest
     # file that measured it side by side, when the headline file lacks part of it
     full = [f for f in pool if {"bf16", "fp8", "spinquant_w4a4kv16"} <= set(by_file[f].get("output_tok_s", {}))]
@@ -329,7 +342,8 @@ def served_section(files):
                     break
                 asked.append(a)
         rec["not_measured"] = [v for v in asked if v not in d.get("vllm", {})]
-        out[os.path.basename(path)[len("served_accuracy_"):-len(".json")]] = rec
+        tag = os.path.basename(path)[len("served_accuracy_"):-len(".json")]
+        out[f"{os.path.basename(os.path.dirname(path))}/{tag}"] = rec
     return out
 
 
@@ -337,7 +351,7 @@ def server_section(check_files, overhead_files):
     out = {}
     for path in check_files:
         d = _load(path)
-        out.setdefault("openai_client_checks", {})[os.path.basename(path)[len("server_check_"):-5]] = {
+        out.setdefault("openai_client_checks", {})[os.path.basename(path)[:-len("_server_check.json")]] = {
             "source": os.path.relpath(path, RESULTS), "server_command": d.get("server_command"),
             "date": d.get("date"), "all_ok": d.get("all_ok"), "error": d.get("error"),
             "checks": {k: bool(c.get("ok")) for k, c in (d.get("checks") or {}).items()}}
@@ -351,7 +365,7 @@ def server_section(check_files, overhead_files):
             if "vllm_serve" in cfgs and "spinquant_serve" in cfgs:
                 a, b = cfgs["vllm_serve"], cfgs["spinquant_serve"]
                 out.setdefault("overhead_vs_vllm_serve", {})[
-                    os.path.basename(path)[: -len("_raw.json")] + "/" + point] = {
+                    os.path.basename(path)[: -len(".json")] + "/" + point] = {
                     "vllm_serve_output_tok_s": round(a["output_tokens_per_s"], 1),
                     "spinquant_serve_output_tok_s": round(b["output_tokens_per_s"], 1),
                     "throughput_ratio": round(b["output_tokens_per_s"] / a["output_tokens_per_s"], 4),
@@ -371,9 +385,9 @@ SWEEP_BASELINES = {"spinquant_w4a4kv16": ("bf16", "fp8", "fp8_fp8kv"),
                    "spinquant_w4a4kv4": ("bf16", "fp8", "fp8_fp8kv", "bf16_int4kv", "spinquant_w4a4kv16")}
 _GEMM_VS_FP8 = ("batched decode and prefill run the GEMMs at large M, where FP8's cuBLAS GEMM is faster "
                 "(docs/PLUGIN.md, Speed and memory)")
-_KV4_COSTS = ("the sweep (sessions 5-6) ran the KV4 path of its day, whose prefill over the 4-bit cache was "
-              "2.2x bf16 flash's time and whose decode unpacking was the slow one; session 8's default "
-              "(flash prefill, `magic` unpack) was measured only with `vllm bench throughput` "
+_KV4_COSTS = ("the sweep (2026-11-23) ran the KV4 path of its build, whose prefill over the 4-bit cache took "
+              "2.2x bf16 flash's time and whose decode unpacking was the slower one; the plugin's KV4 "
+              "path (FlashAttention prefill, `magic` unpack) was measured with `vllm bench throughput` "
               "(1.05x W4A4KV16 at 1024/256, 1.20x at 4096/512; docs/KV_CACHE.md)")
 # where each sweep comparison's losses are explained (appended to its verdict line when it loses)
 SWEEP_LOSS_WHY = {
@@ -388,7 +402,7 @@ SWEEP_LOSS_WHY = {
 
 
 def sweep_section(path):
-    """serving_sweep_raw.json -> per shape and concurrency, each configuration's output tok/s,
+    """A serving_sweep.py raw file -> per shape and concurrency, each configuration's output tok/s,
     TTFT and TPOT (p50, p99), and the SpinQuant configurations' throughput ratios to bf16 and fp8
     at the same point. Configurations or points not measured are listed, not filled in."""
     d = _load(path)
@@ -480,7 +494,7 @@ def wins_and_losses(summary):
     pairs = [(w, d) for w, d in (("1024/256", head_tp), ("4096/512", kvtp))
              if d.get("spinquant_w4a4kv4") and d.get("spinquant_w4a4kv16")]
     if pairs:
-        L.append("- W4A4KV4 (the default KV4 path) vs W4A4KV16, output tok/s side by side: " + "; ".join(
+        L.append("- W4A4KV4 (the plugin's KV4 path) vs W4A4KV16, output tok/s side by side: " + "; ".join(
             f"{w} {d['spinquant_w4a4kv4'] / d['spinquant_w4a4kv16']:.2f}x" for w, d in pairs)
             + " (issue 5 target: >= 1x at 1024/256, clearly higher at 4096/512).")
     kv = srv.get("kv_capacity_tokens", {})
@@ -536,19 +550,18 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
         if acc.get("ablation_absmax_weight_scales"):
             L += ["Ablation, absmax weight scales (no MSE clip search): " + ", ".join(
                 f"{k}: {v:.2f}" for k, v in acc["ablation_absmax_weight_scales"].items()), ""]
-    apath = os.path.join(os.path.dirname(path), "accuracy", "rotation_ablation_cpu.json")
-    if os.path.exists(apath):
+    results = os.path.dirname(path)
+    for apath in find(results, "rotation_ablation")[-1:]:
         ab = _load(apath)
         L += ["### Learned vs random-Hadamard rotation under two RTN weight quantizers (W4A4KV4)", "",
-              f"`accuracy/rotation_ablation_cpu.json`: first {ab['windows']} held-out windows of 2048 tokens, "
+              f"`{os.path.relpath(apath, results)}`: first {ab['windows']} held-out windows of 2048 tokens, "
               f"device {ab['device']}; the learned rotation is the H100 one (learned with absmax weight fake "
               "quant).", "", "| rotation / weight scales | ppl |", "|---|---:|"]
         L += [f"| {k} | {v:.2f} |" for k, v in ab["ppl"].items()] + [""]
-    kpath = os.path.join(os.path.dirname(path), "accuracy", "kurtosis.json")
-    if os.path.exists(kpath):
+    for kpath in find(results, "kurtosis")[-1:]:
         kd = _load(kpath)["kurtosis"]
         types = list(next(iter(kd.values())))
-        L += ["### Activation kurtosis (max over layers; `accuracy/kurtosis.png`)", "",
+        L += [f"### Activation kurtosis (max over layers; `{os.path.relpath(kpath, results)[:-len('.json')]}.png`)", "",
               "| rotation | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
         for name, per in kd.items():
             L.append(f"| {name} | " + " | ".join(f"{max(per[t]):.1f}" for t in types) + " |")
@@ -563,14 +576,14 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
                      f"{', '.join(k.get('w4a4_layer_speedup_shapes', {}).get(M, []))} |")
         L += ["", f"hadamard_quant / copy of the same bytes (worst row, M >= 1024): {k['hadamard_quant_vs_copy']:.2f} "
               f"(without a Hadamard: {k['hadamard_quant_vs_copy_without_hadamard']:.2f}). Per-shape table and "
-              "ceiling arithmetic: `kernels_h100.md`, `../../docs/KERNELS.md`.", ""]
+              f"ceiling arithmetic: `{k['source'][:-len('.json')]}.md`, `../../docs/KERNELS.md`.", ""]
     s = summary.get("serving")
     if s:
         L += ["## Serving (" + str(s.get("device")) + ")", "", s["workload"] + ".", ""]
         for src, f in s["by_file"].items():
             tp, l1, l16 = f.get("output_tok_s", {}), f.get("latency_bs1_s", {}), f.get("latency_bs16_s", {})
             L += [f"### `{src}`", ""]
-            if tp or l1 or l16:   # a file may hold only 4096/512 runs (session 7's A/B)
+            if tp or l1 or l16:   # a file may hold only 4096/512 runs
                 L += ["| config | output tok/s (1024/256) | vs bf16 | vs fp8 | latency bs1 s | "
                       "latency bs16 s | weight memory GiB | KV capacity tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
             ratio = lambda v, base: f"{v / base:.2f}x" if v is not None and base else ""
@@ -584,8 +597,7 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
                 L += ([""] if tp or l1 or l16 else []) + ["4096 in / 512 out (KV capacity binds): " + ", ".join(
                     f"{k} {v:.0f} output tok/s" for k, v in f["tpkv_output_tok_s"].items())]
             for wl, vals in f.get("other_output_tok_s", {}).items():
-                L += ["", f"{wl} (what the run really had; vLLM's random-dataset defaults, see "
-                      "docs/RESULTS.md session 8): " + ", ".join(f"{k} {v:.0f} output tok/s" for k, v in vals.items())]
+                L += ["", f"{wl}: " + ", ".join(f"{k} {v:.0f} output tok/s" for k, v in vals.items())]
             if f.get("failed"):
                 L += ["", "Failed runs: " + ", ".join(f["failed"])]
             if f.get("note"):
@@ -617,7 +629,7 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
                 + (f", teacher-forced {x['greedy_teacher_forced']:.3f}" if x.get("greedy_teacher_forced") else "")
                 for kv, x in nf.items())]
         L.append("")
-    for nf_path in sorted(glob.glob(os.path.join(os.path.dirname(path), "serving", "*", "noise_floor_*.json"))):
+    for nf_path in find(results, "noise_floor"):
         d = _load(nf_path)
         nf = d.get("offline", {}).get("noise_floor_bf16_vs_fp32", {}).get("kvckpt")
         if nf:
@@ -625,7 +637,7 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
                   f"{d.get('prompts')} prompts x {d.get('new_tokens')} tokens): the offline fake-quant model in bf16 "
                   f"vs in fp32 agrees on {nf['greedy_position_match']:.3f} of greedy positions, teacher-forced "
                   f"{nf['greedy_teacher_forced']:.3f}.", ""]
-    for af_path in sorted(glob.glob(os.path.join(os.path.dirname(path), "serving", "*", "agreement_floor_*.json"))):
+    for af_path in find(results, "agreement_floor"):
         d = _load(af_path)
         L += [f"Agreement floor of {d['model']} (`{os.path.relpath(af_path, os.path.dirname(path))}`, {d['device']}, "
               f"{d['prompts']} prompts x {d['new_tokens']} tokens): bf16 vs fp32 greedy position match "
@@ -784,20 +796,19 @@ def main(argv=None):
     ap.add_argument("--results", default=RESULTS)
     args = ap.parse_args(argv)
     summary, acc_table, krows = {}, [], []
-    acc, acc_table = accuracy_section(sorted(glob.glob(os.path.join(args.results, "accuracy", "*_raw.json"))))
+    acc, acc_table = accuracy_section(find(args.results, "accuracy", "date"))
     if acc:
         summary["accuracy"] = acc
-    kpath = os.path.join(args.results, "kernels_h100.json")
-    if os.path.exists(kpath):
+    for kpath in find(args.results, "kernels", "date_utc")[-1:]:   # the newest whole run
         summary["kernels"], krows = kernels_section(kpath)
-    serv = serving_section(sorted(glob.glob(os.path.join(args.results, "serving", "*_raw.json"))))
+    serv = serving_section(find(args.results, "throughput"))
     if serv:
         summary["serving"] = serv
-    served = served_section(sorted(glob.glob(os.path.join(args.results, "serving", "*", "served_accuracy_*.json"))))
+    served = served_section(find(args.results, "served_accuracy", "date"))
     if served:
         summary["served_accuracy"] = served
         ppl, src = {}, None
-        for rec in served.values():  # files in sorted order: a later session's run of a checkpoint wins
+        for rec in served.values():  # oldest first: a later run of a checkpoint wins
             ck = rec["checkpoint"].replace(" ", "_")
             for v, r in rec["vllm"].items():
                 if "ppl" in r:
@@ -808,14 +819,14 @@ def main(argv=None):
         if ppl and acc is not None:
             summary["accuracy"]["vllm_served_ppl"] = ppl
             summary["accuracy"]["vllm_served_ppl_source"] = src
-    server = server_section(sorted(glob.glob(os.path.join(args.results, "serving", "server_check_*.json"))),
-                            sorted(glob.glob(os.path.join(args.results, "serving", "server_overhead_*_raw.json"))))
+    server = server_section(find(args.results, "server_check"), find(args.results, "server_overhead"))
     if server:
         summary["server"] = server
-    sweep_path = os.path.join(args.results, "serving", "serving_sweep_raw.json")
-    sweep = _load(sweep_path)["points"] if os.path.exists(sweep_path) else {}
-    if sweep:
-        summary["serving_sweep"] = sweep_section(sweep_path)
+    sweep = {}
+    for sweep_path in find(args.results, "sweep")[-1:]:   # the newest sweep
+        sweep = _load(sweep_path)["points"]
+        if sweep:
+            summary["serving_sweep"] = sweep_section(sweep_path)
     provenance.write_json(os.path.join(args.results, "summary.json"), summary, indent=2)
     plots = [plot_accuracy(acc, os.path.join(args.results, "accuracy_ppl.png")) if acc else None,
              plot_kernels(krows, os.path.join(args.results, "kernels_speedup.png")),

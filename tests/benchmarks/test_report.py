@@ -7,20 +7,20 @@ from spinquant_testutils import load_script
 
 @pytest.mark.parametrize("cfg,key", [
     ("bf16", "bf16"), ("bf16+fp8", "fp8"), ("bf16+fp8+fp8kv", "fp8_kv8"), ("bf16+int4kv", "bf16_int4kv"),
-    ("spinquant_w4a4kv4+denseprefill", "spinquant_w4a4kv4_denseprefill"),
-    ("spinquant_w4a4kv16+hqfma+splitk", "spinquant_w4a4kv16_hqfma_splitk"),
+    ("spinquant_w4a4kv4+compile", "spinquant_w4a4kv4_compile"),
+    ("spinquant_w4a4kv16+compile+fp8kv", "spinquant_w4a4kv16_compile_fp8kv"),
     ("spinquant_w4a4kv16+eager", None), ("llama70b", None)])
 def test_serving_keys(cfg, key):
     assert load_script("report").serving_key(cfg) == key
 
 
-def test_env_switch_runs_get_their_own_column():
+def test_flagged_runs_get_their_own_column():
     runs = {"tp:spinquant_w4a4kv4": {"rc": 0, "cmd": "bench", "prompt_tokens": 409600,
                                      "output_tokens": 102400, "result": {"num_requests": 400, "elapsed_time": 10.0}},
-            "tp:spinquant_w4a4kv4+denseprefill": {"rc": 0, "cmd": "bench", "prompt_tokens": 409600,
-                                                  "output_tokens": 102400, "result": {"num_requests": 400, "elapsed_time": 8.0}}}
+            "tp:spinquant_w4a4kv4+compile": {"rc": 0, "cmd": "bench", "prompt_tokens": 409600,
+                                             "output_tokens": 102400, "result": {"num_requests": 400, "elapsed_time": 8.0}}}
     out = load_script("report")._serving_file(runs)["output_tok_s"]
-    assert out == {"spinquant_w4a4kv4": 10240.0, "spinquant_w4a4kv4_denseprefill": 12800.0}
+    assert out == {"spinquant_w4a4kv4": 10240.0, "spinquant_w4a4kv4_compile": 12800.0}
 
 
 def _pt(cfg, c, tok_s, shape=(1024, 256)):
@@ -75,7 +75,7 @@ def test_report_main_writes_the_sweep_table_and_plot(tmp_path):
     pts = {f"{c}/128x64/c{n}": _pt(c, n, t, shape=(128, 64))
            for c, n, t in [("bf16", 1, 100.0), ("bf16", 8, 700.0), ("spinquant_w4a4kv16", 1, 160.0),
                            ("spinquant_w4a4kv16", 8, 1000.0), ("spinquant_w4a4kv16", 32, 3000.0)]}
-    (tmp_path / "serving" / "serving_sweep_raw.json").write_text(json.dumps(
+    (tmp_path / "serving" / "2026-11-23_llama3-8b_sweep.json").write_text(json.dumps(
         {"points": pts, "invocations": [{"command": "serving_sweep.py --x", "date": "2026-11-23", "device": "H100",
                                          "versions": {}}]}))
     report.main(["--results", str(tmp_path)])
@@ -96,7 +96,7 @@ def test_served_section_lists_requested_variants_without_a_result(tmp_path):
         "command": "served_accuracy.py --ckpt c --variants kv16 spinquant+compile --timeout-s 170",
         "quantization_config": {}, "offline": {"ppl": {"float32/kv16": 32.0}},
         "vllm": {"kv16": {"ppl": 32.2, "start_s": 10.0}}}))
-    rec = report.served_section([str(path)])["x"]
+    rec = report.served_section([str(path)])[f"{tmp_path.name}/x"]   # keyed by folder and tag
     assert rec["not_measured"] == ["spinquant+compile"] and list(rec["vllm"]) == ["kv16"]
 
 
@@ -109,79 +109,88 @@ def test_latency_verdict_against_the_issue_target(spin, verdict):
     assert lines[0].endswith(f"(issue target <= 0.6x bf16: {verdict}).")
 
 
-@pytest.mark.parametrize("ab_only", [False, True])
-def test_serving_headline_skips_a_newer_file_without_the_1024_runs(tmp_path, monkeypatch, ab_only):
-    """A later file holding only 4096/512 A/B runs does not blank the 1024/256 headline; the
-    4096/512 numbers come from the newest file with both SpinQuant caches, with its note,
-    unless that file is marked ab_only (then from the older file)."""
+def test_serving_headline_skips_a_newer_file_without_the_1024_runs(tmp_path, monkeypatch):
+    """A later file holding only 4096/512 runs does not blank the 1024/256 headline; the
+    4096/512 numbers come from the newest file with both SpinQuant caches, with its note."""
     import json
     report = load_script("report")
     monkeypatch.setattr(report, "RESULTS", str(tmp_path))
 
-    def run(kind, tok_s_len, out_len):
+    def run(tok_s, out_len):
         in_len = 1024 if out_len == 256 else 4096
         return {"rc": 0, "cmd": "bench", "prompt_tokens": 100 * in_len, "output_tokens": 100 * out_len,
-                "result": {"num_requests": 100, "elapsed_time": 100 * out_len / tok_s_len}}
-    old = {"runs": {"tp:bf16": run("tp", 1000, 256), "tp:bf16+fp8": run("tp", 1500, 256),
-                    "tp:spinquant_w4a4kv16": run("tp", 1200, 256),
-                    "tpkv:spinquant_w4a4kv4": run("tpkv", 900, 512),
-                    "tpkv:spinquant_w4a4kv16": run("tpkv", 1000, 512)},
+                "result": {"num_requests": 100, "elapsed_time": 100 * out_len / tok_s}}
+    old = {"runs": {"tp:bf16": run(1000, 256), "tp:bf16+fp8": run(1500, 256),
+                    "tp:spinquant_w4a4kv16": run(1200, 256),
+                    "tpkv:spinquant_w4a4kv4": run(900, 512), "tpkv:spinquant_w4a4kv16": run(1000, 512)},
            "invocations": [{"date": "2026-01-01", "device": "H100", "command": "a", "versions": {}}]}
-    new = {"runs": {"tpkv:spinquant_w4a4kv4+wholeprefill": run("tpkv", 950, 512),
-                    "tpkv:spinquant_w4a4kv4": run("tpkv", 800, 512),
-                    "tpkv:spinquant_w4a4kv16": run("tpkv", 1010, 512)},
+    new = {"runs": {"tpkv:spinquant_w4a4kv4+compile": run(950, 512), "tpkv:spinquant_w4a4kv4": run(800, 512),
+                    "tpkv:spinquant_w4a4kv16": run(1010, 512)},
            "invocations": [{"date": "2026-02-01", "device": "H100", "command": "b", "versions": {}}],
-           "note": "split was the default", "ab_only": ab_only}
+           "note": "compiled and eager side by side"}
     paths = []
-    for name, doc in (("a_raw.json", old), ("b_raw.json", new)):
+    for name, doc in (("a_throughput.json", old), ("b_throughput.json", new)):
         (tmp_path / name).write_text(json.dumps(doc))
         paths.append(str(tmp_path / name))
     s = report.serving_section(paths)
-    assert s["headline_source"] == "a_raw.json" and s["output_tok_s"]["fp8"] == 1500.0
-    if ab_only:
-        assert s["tpkv_source"] == "a_raw.json" and "tpkv_note" not in s
-        assert s["tpkv_output_tok_s"]["spinquant_w4a4kv4"] == 900.0
-        assert "ab_only" not in s
-    else:
-        assert s["tpkv_source"] == "b_raw.json" and s["tpkv_note"] == "split was the default"
-        assert s["tpkv_output_tok_s"]["spinquant_w4a4kv4_wholeprefill"] == 950.0
+    assert s["headline_source"] == "a_throughput.json" and s["output_tok_s"]["fp8"] == 1500.0
+    assert s["tpkv_source"] == "b_throughput.json" and s["tpkv_note"] == "compiled and eager side by side"
+    assert s["tpkv_output_tok_s"] == {"spinquant_w4a4kv4_compile": 950.0, "spinquant_w4a4kv4": 800.0,
+                                      "spinquant_w4a4kv16": 1010.0}
     md = tmp_path / "R.md"
     report.write_report({"serving": s}, [], [], str(md))
     text = md.read_text()
-    assert "### `b_raw.json`\n\n4096 in / 512 out" in text   # no empty 1024/256 table
+    assert "### `b_throughput.json`\n\n4096 in / 512 out" in text   # no empty 1024/256 table
 
 
-def test_runs_that_vllm_ran_at_its_random_defaults_are_relabelled(tmp_path):
-    """Sessions 1-7 passed --input-len/--output-len, which vLLM 0.26's random dataset ignores
-    (its --random-* defaults 1024/128 win): such runs are reported under the workload they
-    really had, not as 1024/256 or 4096/512; a count that fits neither is refused."""
+def test_runs_are_reported_under_the_workload_vllm_counted():
+    """The workload comes from the token counts vLLM printed, not the command's lengths; a run
+    of another workload is kept apart; a run without the counts is refused."""
     report = load_script("report")
 
-    def old(out_len, n, total, elapsed=10.0):
-        return {"rc": 0, "cmd": f"vllm bench throughput --input-len 4096 --output-len {out_len} "
-                                f"--num-prompts {n}",
-                "result": {"num_requests": n, "elapsed_time": elapsed, "total_num_tokens": total}}
-    f = report._serving_file({"tp:bf16": old(256, 400, 400 * 1152),
-                              "tpkv:spinquant_w4a4kv4": old(512, 500, 500 * 1152, 20.0)})
-    assert "output_tok_s" not in f and "tpkv_output_tok_s" not in f
-    assert f["other_output_tok_s"] == {"1024 in / 128 out, 400 prompts": {"bf16": 5120.0},
-                                       "1024 in / 128 out, 500 prompts": {"spinquant_w4a4kv4": 3200.0}}
-    new = {"rc": 0, "cmd": "x", "prompt_tokens": 400 * 1024, "output_tokens": 400 * 256,
-           "result": {"num_requests": 400, "elapsed_time": 10.0}}
-    assert report._serving_file({"tp:bf16": new})["output_tok_s"] == {"bf16": 10240.0}
-    with pytest.raises(ValueError, match="total_num_tokens 123"):
-        report._serving_file({"tp:bf16": old(256, 400, 123)})
+    def run(n, inp, outp, elapsed=10.0, cmd="vllm bench throughput --input-len 4096 --output-len 512"):
+        return {"rc": 0, "cmd": cmd, "prompt_tokens": n * inp, "output_tokens": n * outp,
+                "result": {"num_requests": n, "elapsed_time": elapsed}}
+    f = report._serving_file({"tp:bf16": run(400, 1024, 256), "tpkv:bf16": run(1000, 4096, 512, 20.0),
+                              "tp:bf16+fp8": run(400, 1024, 128)})
+    assert f["output_tok_s"] == {"bf16": 10240.0} and f["tpkv_output_tok_s"] == {"bf16": 25600.0}
+    assert f["other_output_tok_s"] == {"1024 in / 128 out, 400 prompts": {"fp8": 5120.0}}
+    bare = {"rc": 0, "cmd": "vllm bench throughput", "result": {"num_requests": 400, "elapsed_time": 10.0}}
+    with pytest.raises(ValueError, match="no prompt_tokens / output_tokens"):
+        report._serving_file({"tp:bf16": bare})
 
 
 @pytest.mark.parametrize("cfg,default,key", [
-    ("spinquant_w4a4kv4", None, "spinquant_w4a4kv4"),                       # old files: as named
-    ("spinquant_w4a4kv4+denseprefill", None, "spinquant_w4a4kv4_denseprefill"),
+    ("spinquant_w4a4kv4", None, "spinquant_w4a4kv4"),                 # no kv4_default: the plugin's path
+    ("spinquant_w4a4kv4+compile", None, "spinquant_w4a4kv4_compile"),
     ("spinquant_w4a4kv4", "triton/sub", "spinquant_w4a4kv4_triton_sub"),
     ("spinquant_w4a4kv4+flashsplit+kvmagic", "triton/sub", "spinquant_w4a4kv4"),
-    ("spinquant_w4a4kv4+flashsplit+kvtiming", "triton/magic", "spinquant_w4a4kv4_kvtiming"),
-    ("spinquant_w4a4kv4+kvsub", "flash_split/magic", "spinquant_w4a4kv4_flash_split_sub"),
+    ("spinquant_w4a4kv4+flashsplit", "triton/sub", "spinquant_w4a4kv4_flash_split_sub"),
     ("spinquant_w4a4kv4", "flash_split/magic", "spinquant_w4a4kv4"),
     ("spinquant_w4a4kv4+eager", "flash_split/magic", None),
     ("spinquant_w4a4kv16+kvmagic", "triton/sub", "spinquant_w4a4kv16_kvmagic")])
 def test_kv4_runs_are_keyed_by_the_path_they_took(cfg, default, key):
     assert load_script("report").run_key(cfg, default) == key
+
+
+def test_a_flag_that_hides_the_kv4_path_is_refused():
+    with pytest.raises(ValueError, match="flag 'kvsub' is not one of the KV4 path flags"):
+        load_script("report").run_key("spinquant_w4a4kv4+kvsub", "triton/sub")
+
+
+def test_find_orders_by_the_recorded_date_and_skips_parts(tmp_path):
+    """Accuracy files are merged oldest first by the date they record (a name that sorts first
+    can hold the later run); only whole kernel runs (``*_gemm.json``) count, newest by date."""
+    import json
+    report = load_script("report")
+    (tmp_path / "accuracy").mkdir()
+    (tmp_path / "kernels").mkdir()
+    for name, date in (("2026-01-01_smollm2_b.json", "2026-01-01T20:00"), ("2026-01-01_smollm2_a.json", "2026-01-01T23:00")):
+        (tmp_path / "accuracy" / name).write_text(json.dumps({"date": date, "jobs": {}}))
+    assert [p.rsplit("/", 1)[1] for p in report.find(str(tmp_path), "accuracy", "date")] == [
+        "2026-01-01_smollm2_b.json", "2026-01-01_smollm2_a.json"]
+    for name, date in (("2026-01-01_1800_h100_gemm.json", "2026-01-01T18:00"),
+                       ("2026-01-01_2300_h100_gemm_part_qkv_o.json", "2026-01-01T23:00"),
+                       ("2026-01-01_2200_h100_gemm.json", "2026-01-01T22:00")):
+        (tmp_path / "kernels" / name).write_text(json.dumps({"date_utc": date}))
+    assert report.find(str(tmp_path), "kernels", "date_utc")[-1].endswith("2026-01-01_2200_h100_gemm.json")
