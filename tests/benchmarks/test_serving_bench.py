@@ -1,6 +1,7 @@
 """benchmarks/serving_bench.py on CPU, with a stand-in for the ``vllm`` command line."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -8,13 +9,10 @@ import pytest
 from spinquant_testutils import load_script
 
 FAKE_VLLM = r'''
-import json, os, sys
+import json, sys
 argv = sys.argv[1:]
 with open(argv[argv.index("--output-json") + 1], "w") as f:
-    json.dump({"avg_latency": 0.25, "argv": argv,
-               "prefill_env": os.environ.get("SPINQUANT_KV4_PREFILL"),
-               "cfg_env": os.environ.get("SPINQUANT_KV4_PREFILL_CFG"),
-               "unpack_env": os.environ.get("SPINQUANT_KV4_UNPACK")}, f)
+    json.dump({"avg_latency": 0.25, "argv": argv}, f)
 if "throughput" in argv:   # vLLM's summary lines; "--short" drops one output token per request
     n = int(argv[argv.index("--num-prompts") + 1])
     i = int(argv[argv.index("--random-input-len") + 1])
@@ -28,54 +26,77 @@ sys.exit(3 if "--fail" in argv else 0)
 
 
 @pytest.fixture
-def bench(tmp_path):
+def models(tmp_path):
+    """One shape's folders as benchmarks/models.py writes them (an empty tokenizer folder)."""
+    written = load_script("models").write_models(str(tmp_path / "models"), ["llama3-8b"], tokenizer=False)
+    (tmp_path / "models" / "llama3-8b" / "tokenizer").mkdir()
+    return written[0]
+
+
+@pytest.fixture
+def bench(tmp_path, models):
     fake = tmp_path / "fake_vllm.py"
     fake.write_text(FAKE_VLLM)
-    models = tmp_path / "models"
-    (models / "bf16").mkdir(parents=True)
-    (models / "tokenizer").mkdir()
     mod = load_script("serving_bench")
     out = tmp_path / "out"
 
     def run(*extra):
-        mod.main(["--out", str(out), "--models", str(models), "--vllm", f"{sys.executable} {fake}",
-                  "--resume", str(out / "serving_raw.json"), *extra])
-        return json.loads((out / "serving_raw.json").read_text())
+        mod.main(["--out", str(out), "--name", "bench", "--models", models,
+                  "--vllm", f"{sys.executable} {fake}", "--resume", str(out / "bench.json"), *extra])
+        return json.loads((out / "bench.json").read_text())
     return run
 
 
 def test_extra_flags_reach_every_run_and_logs_are_parsed(bench):
-    doc = bench("--runs", "lat1:bf16", "lat16:bf16+fp8", """--extra=--compilation-config '{"a": [1, 2]}'""")
+    doc = bench("--runs", "lat1:bf16", "lat16:bf16+fp8", """--extra=--served-model-name 'a b' --seed 3""")
     for name in ("lat1:bf16", "lat16:bf16+fp8"):
         rec = doc["runs"][name]
         argv = rec["result"]["argv"]
-        assert rec["rc"] == 0 and argv[argv.index("--compilation-config") + 1] == '{"a": [1, 2]}'
+        assert rec["rc"] == 0 and argv[argv.index("--served-model-name") + 1] == "a b"
+        assert argv[argv.index("--seed") + 1] == "3"
         assert rec["weight_memory_gib"] == 5.22 and rec["kv_cache_tokens"] == 1234
     assert "--quantization" in doc["runs"]["lat16:bf16+fp8"]["result"]["argv"]
 
 
-def test_env_flags_set_the_run_environment_only(bench):
-    doc = bench("--runs", "lat1:bf16+denseprefill", "lat1:bf16")
-    dense, plain = doc["runs"]["lat1:bf16+denseprefill"], doc["runs"]["lat1:bf16"]
-    assert dense["result"]["prefill_env"] == "dense" and dense["env"] == {"SPINQUANT_KV4_PREFILL": "dense"}
-    assert dense["cmd"].startswith("SPINQUANT_KV4_PREFILL=dense ")
-    assert "denseprefill" not in " ".join(dense["result"]["argv"])
-    assert plain["result"]["prefill_env"] is None and plain["env"] == {}
+def test_runs_reach_the_model_folders_with_dummy_weights_and_one_graph_list(bench, models):
+    """Every run loads its config folder and the shape's tokenizer with dummy weights and
+    captures the same CUDA-graph sizes; --cudagraph-sizes vllm leaves vLLM's own list."""
+    mod = load_script("serving_bench")
+    doc = bench("--runs", "lat1:spinquant_w4a4kv4", "lat1:bf16+int4kv")
+    for name, cfg in (("lat1:spinquant_w4a4kv4", "spinquant_w4a4kv4"), ("lat1:bf16+int4kv", "bf16")):
+        argv = doc["runs"][name]["result"]["argv"]
+        assert argv[argv.index("--model") + 1] == os.path.join(models, cfg)
+        assert argv[argv.index("--tokenizer") + 1] == os.path.join(models, "tokenizer")
+        assert argv[argv.index("--load-format") + 1] == "dummy"
+        graphs = json.loads(argv[argv.index("--compilation-config") + 1])
+        assert graphs == {"cudagraph_capture_sizes": list(mod.CUDAGRAPH_SIZES)}
+    argv = doc["runs"]["lat1:bf16+int4kv"]["result"]["argv"]
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "int4_per_token_head"
+    doc = bench("--runs", "lat16:bf16", "--cudagraph-sizes", "vllm")
+    assert "--compilation-config" not in doc["runs"]["lat16:bf16"]["result"]["argv"]
+    with pytest.raises(SystemExit, match="comma-separated ints"):
+        bench("--runs", "lat16:bf16", "--cudagraph-sizes", "1,two")
 
 
-def test_prefill_tile_and_unpack_flags(bench):
-    """+pf<M>x<N>x<W>[s<S>] and +kvmagic set the KV4 kernel settings of that run only."""
-    doc = bench("--runs", "lat1:bf16+pf256x64x8s2+kvmagic", "lat1:bf16+pf64x32x4")
-    a, b = doc["runs"]["lat1:bf16+pf256x64x8s2+kvmagic"], doc["runs"]["lat1:bf16+pf64x32x4"]
-    assert a["env"] == {"SPINQUANT_KV4_PREFILL_CFG": "256,64,8,2", "SPINQUANT_KV4_UNPACK": "magic"}
-    assert (a["result"]["cfg_env"], a["result"]["unpack_env"]) == ("256,64,8,2", "magic")
-    assert (b["result"]["cfg_env"], b["result"]["unpack_env"]) == ("64,32,4", None)
-    with pytest.raises(ValueError, match="pf<BLOCK_M>x<TILE_N>x<WARPS>"):
-        bench("--runs", "lat1:bf16+pf256x64")
-    c = bench("--runs", "lat1:bf16+dc64x8s2+flashsplit")["runs"]["lat1:bf16+dc64x8s2+flashsplit"]
-    assert c["env"] == {"SPINQUANT_KV4_DECODE_CFG": "64,8,2", "SPINQUANT_KV4_PREFILL": "flash_split"}
-    with pytest.raises(ValueError, match="dc<TILE_N>x<WARPS>"):
-        bench("--runs", "lat1:bf16+dc64")
+def test_suites_name_known_runs_and_the_model_folders_models_py_writes():
+    mod = load_script("serving_bench")
+    configs = set(load_script("models").VARIANTS)
+    for runs in mod.SUITES.values():
+        for run in runs:
+            _, cfg, _ = mod.parse_run(run)
+            assert cfg in configs
+
+
+def test_suite_runs_its_list(bench):
+    doc = bench("--suite", "latency")
+    assert sorted(doc["runs"]) == sorted(load_script("serving_bench").SUITES["latency"])
+    assert all(rec["rc"] == 0 for rec in doc["runs"].values())
+
+
+def test_missing_model_folders_are_named_with_the_command_that_makes_them(bench, tmp_path):
+    with pytest.raises(SystemExit, match=r"lacks .*w4a4kv8.*benchmarks/models.py"):
+        bench("--runs", "lat1:spinquant_w4a4kv8")
+    assert not (tmp_path / "out" / "bench.json").exists()
 
 
 def test_skip_done_reruns_only_failed_runs(bench):
@@ -94,6 +115,8 @@ def test_bad_run_names_are_refused(bench):
         bench("--runs", "bogus:bf16")
     with pytest.raises(ValueError, match="run flag"):
         bench("--runs", "tp:bf16+int3kv")
+    with pytest.raises(ValueError, match="run flag"):
+        bench("--runs", "tp:spinquant_w4a4kv4+denseprefill")
 
 
 def test_log_keeps_the_engine_traceback_of_a_failed_run():
@@ -122,20 +145,3 @@ def test_throughput_runs_check_the_workload_vllm_really_ran(bench):
     doc = bench("--runs", "tp:bf16+eager", "--extra=--short")
     rec = doc["runs"]["tp:bf16+eager"]
     assert rec["rc"] == "wrong_workload" and "(409600, 102000)" in rec["workload_error"]
-
-
-def test_raw_file_records_the_kv4_default_and_refuses_another_builds(bench, tmp_path):
-    """The KV4 path of the build is written into the raw file (report.py keys W4A4KV4 runs by
-    it); resuming a file of a build with another default is refused; the constant matches the
-    plugin's defaults and the report's."""
-    from spinquant_vllm import attention as sa
-    doc = bench("--runs", "lat1:bf16")
-    mod = load_script("serving_bench")
-    assert doc["kv4_default"] == mod.KV4_DEFAULT == f"{sa.PREFILL_DEFAULT}/{sa.UNPACK_DEFAULT}"
-    assert tuple(mod.KV4_DEFAULT.split("/")) == load_script("report").KV4_CURRENT
-    raw = tmp_path / "out" / "serving_raw.json"
-    old = json.loads(raw.read_text())
-    old["kv4_default"] = "triton/sub"
-    raw.write_text(json.dumps(old))
-    with pytest.raises(SystemExit, match="'triton/sub', this one runs 'flash_split/magic'"):
-        bench("--runs", "lat16:bf16")
