@@ -5,8 +5,11 @@ Settings come only from the checkpoint's ``config.json`` ``quantization_config``
 :meth:`spinquant_kernels.format.SpinQuantConfig.from_dict`, the single
 source of truth for field names, defaults and allowed values. This module
 adds what only the serving side knows: which vLLM layers are quantized,
-which GPUs and activation dtypes are supported, and how a mismatch between
-``--quantization`` and the checkpoint is reported.
+which GPUs and activation dtypes are supported, how a mismatch between
+``--quantization`` and the checkpoint is reported, and the serving-side
+settings that are not in the checkpoint: the backend priority list (tests
+pass one) and the operational :class:`spinquant_kernels.options.Options`
+(read once, when vLLM builds the config).
 
 Importing this module imports vLLM's quantization base classes only; the
 linear method (and the Triton kernels behind it) is imported by
@@ -20,20 +23,13 @@ from typing import Any
 
 import torch
 
-from spinquant_kernels.format import QUANT_METHOD, SpinQuantConfig
+from spinquant_kernels.format import QUANT_METHOD, QUANTIZED_PROJECTIONS, SpinQuantConfig
+from spinquant_kernels.options import Options, options
 from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
     QuantizeMethodBase,
 )
 
-# vLLM names of the projections the offline stage quantizes (Llama family),
-# unfused and fused. Other LinearBase layers stay 16-bit.
-QUANTIZED_PROJECTIONS = frozenset({
-    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj",
-    "gate_proj", "up_proj", "down_proj", "gate_up_proj",
-})
-# Layers whose input gets the online Hadamard R4 (block size cfg.r4_size).
-R4_PROJECTIONS = frozenset({"down_proj"})
 # The fused layers of vLLM's Llama and the checkpoint names they are built from.
 # Models set QuantizationConfig.packed_modules_mapping as they initialise; this
 # is the fallback for a model that does not.
@@ -75,9 +71,16 @@ class SpinQuantVllmConfig(QuantizationConfig):
             argument when ``--quantization spinquant`` is given for a
             checkpoint whose config.json has no ``quantization_config``;
             that raises, naming the missing key.
+        backends: the kernel backends each linear chooses from, in priority
+            order (``spinquant_kernels.linear.can_implement`` names); None
+            (what vLLM passes) is ``spinquant_kernels.linear.BACKENDS``.
+            Tests pass ``("reference",)`` to run the plain-PyTorch path.
+        opts: operational options; None (what vLLM passes) reads
+            :func:`spinquant_kernels.options.options` once, here.
     """
 
-    def __init__(self, cfg: SpinQuantConfig | None = None) -> None:
+    def __init__(self, cfg: SpinQuantConfig | None = None, backends: tuple[str, ...] | None = None,
+                 opts: Options | None = None) -> None:
         super().__init__()
         if cfg is None:
             raise ValueError(
@@ -86,7 +89,12 @@ class SpinQuantVllmConfig(QuantizationConfig):
                 f"{QUANT_METHOD!r}, and this checkpoint has no quantization_config")
         if not isinstance(cfg, SpinQuantConfig):
             raise TypeError(f"SpinQuantVllmConfig expects a SpinQuantConfig, got {type(cfg).__name__}")
+        if backends is not None and (isinstance(backends, str) or not backends
+                                     or not all(isinstance(b, str) for b in backends)):
+            raise ValueError(f"backends must be a non-empty sequence of backend names, got {backends!r}")
         self.cfg = cfg
+        self.backends = None if backends is None else tuple(backends)
+        self.options = options() if opts is None else opts
         self._check_supported(cfg)
 
     # ------------------------------------------------------------------
@@ -95,6 +103,12 @@ class SpinQuantVllmConfig(QuantizationConfig):
     @staticmethod
     def _check_supported(cfg: SpinQuantConfig) -> None:
         """Refuse settings the serving path cannot run, naming field and value."""
+        # A checkpoint holds the resolved R4 block size (0: no R4); "derive it
+        # from the model" exists only at the offline stage's input.
+        if type(cfg.r4_size) is not int:
+            raise ValueError(
+                f"quantization_config.r4_size={cfg.r4_size!r}: a checkpoint must hold the R4 "
+                "block size as an int (0 = no R4); re-write it with `spinquant quantize`")
         # The fused quantize kernel behind w4ax_linear quantizes with plain
         # min-max; a checkpoint calibrated with a clip ratio would be served
         # with different activation codes than it was evaluated with.
@@ -244,4 +258,5 @@ class SpinQuantVllmConfig(QuantizationConfig):
         return None
 
     def __repr__(self) -> str:
-        return f"SpinQuantVllmConfig({self.cfg!r})"
+        # (not the options: they hold the server's API key)
+        return f"SpinQuantVllmConfig({self.cfg!r}, backends={self.backends!r})"

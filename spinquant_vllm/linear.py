@@ -5,46 +5,50 @@ Three jobs (STYLE.md section 6):
 * :meth:`SpinQuantLinearMethod.create_weights` registers the checkpoint
   tensors with vLLM's tensor-parallel-aware parameter classes;
 * :meth:`SpinQuantLinearMethod.process_weights_after_loading` prepares them
-  through :func:`spinquant_kernels.linear.prepare_w4`, picks the kernel
-  backend (:func:`spinquant_kernels.linear.can_implement`) and tunes the GEMM
-  autotuner for every M bucket of the layer's shape
-  (:func:`spinquant_kernels.linear.warmup`; ``SPINQUANT_WARMUP=0`` skips it);
+  through :func:`spinquant_kernels.linear.prepare_w4`, chooses the kernel
+  backend once (:func:`spinquant_kernels.linear.select_backend` over the
+  config's priority list) and tunes the GEMM autotuner for every M bucket of
+  the layer's shape (:func:`spinquant_kernels.linear.warmup`, when the
+  config's options ask for it);
 * :meth:`SpinQuantLinearMethod.apply` is one call of
-  ``torch.ops.spinquant.w4ax_linear`` (fused block Hadamard for down_proj,
-  per-token activation quantization, integer GEMM, scales, bias).
+  ``torch.ops.spinquant.w4ax_linear`` with the chosen backend (fused block
+  Hadamard for down_proj, per-token activation quantization, integer GEMM,
+  scales, bias), which trusts that choice on every call.
 
 Parameters per layer, on rank r of a tensor-parallel group of size t
 (``N_r = sum(output_partition_sizes)``, ``K_r = input_size_per_partition``):
 
 * ``qweight`` (N_r, K_r/2) uint8, :class:`PackedvLLMParameter` packed along
-  the input dim (two int4 codes per byte, ``format.pack_int4``). Column-parallel
-  layers (qkv_proj with shard ids q/k/v, gate_up_proj with shard ids 0/1) take
-  the rows of their shard; row-parallel layers (o_proj, down_proj) take bytes
+  the input dim (``format.PACK_FACTOR`` int4 codes per byte,
+  ``format.pack_int4``). Column-parallel layers (qkv_proj with shard ids
+  q/k/v, gate_up_proj with shard ids 0/1) take the rows of their shard;
+  row-parallel layers (o_proj, down_proj) take bytes
   ``[r * K_r/2, (r + 1) * K_r/2)`` of every row, i.e. input columns
   ``[r * K_r, (r + 1) * K_r)``.
 * ``weight_scale`` (N_r,) float32, :class:`ChannelQuantScaleParameter`
   (sliced like the rows of qweight; whole on row-parallel layers).
 * after loading: ``weight_rowsum`` (N_r,) int32, the zero-point correction.
 
-R4 and tensor parallelism: the online Hadamard on the down_proj input is
-block-diagonal with blocks of ``r4_size`` over the intermediate dimension
-(the offline stage absorbs the same block-diagonal matrix into W_down), so a
-rank holding ``intermediate / t`` consecutive columns applies the same blocks
-to its slice iff ``(intermediate / t) % r4_size == 0``. Otherwise the layer
-refuses to build, naming the sizes.
+R4 and tensor parallelism: ``r4_size`` is the block size of the online
+Hadamard on the down_proj input (0: no R4). The Hadamard is block-diagonal
+over the intermediate dimension (the offline stage absorbs the same
+block-diagonal matrix into W_down), so a rank holding ``intermediate / t``
+consecutive columns applies the same blocks to its slice iff
+``(intermediate / t) % r4_size == 0``. Otherwise the layer refuses to build,
+naming the sizes.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import torch
 
 from spinquant_kernels import format as fmt
 from spinquant_kernels import linear as sq_kernels
-from spinquant_kernels.linear import BACKENDS, can_implement, prepare_w4
+from spinquant_kernels.linear import BACKENDS, can_implement, prepare_w4, select_backend
+from spinquant_kernels.options import WARMUP_ENV
 from vllm.config import get_current_vllm_config_or_none
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
@@ -59,23 +63,15 @@ from vllm.model_executor.parameter import ChannelQuantScaleParameter, PackedvLLM
 from vllm.model_executor.utils import set_weight_attrs
 
 from . import ops  # noqa: F401  (registers torch.ops.spinquant.w4ax_linear)
-from .config import R4_PROJECTIONS, SpinQuantVllmConfig
+from .config import SpinQuantVllmConfig
 
 logger = init_logger(__name__)
 
-# Comma-separated backend priority list overriding spinquant_kernels.linear.BACKENDS,
-# e.g. SPINQUANT_VLLM_BACKENDS=reference to compare against the PyTorch path.
-BACKENDS_ENV = "SPINQUANT_VLLM_BACKENDS"
-PACK_FACTOR = 2  # int4 codes per uint8
-# SPINQUANT_WARMUP=0 skips tuning the GEMM autotuner at load time (default: on).
-WARMUP_ENV = "SPINQUANT_WARMUP"
+QWEIGHT = fmt.QWEIGHT_SUFFIX
+SCALE = fmt.SCALE_SUFFIX
+ROWSUM = "weight_rowsum"
 # Shapes warmed by this process and the seconds spent (for the log line).
 _WARMUP_TOTAL = {"shapes": 0, "seconds": 0.0}
-
-
-def warmup_enabled() -> bool:
-    """Whether process_weights_after_loading tunes the GEMM for every M bucket (``SPINQUANT_WARMUP``)."""
-    return os.environ.get(WARMUP_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _max_batched_tokens() -> int | None:
@@ -93,34 +89,6 @@ def _applied_bias(layer: torch.nn.Module) -> torch.Tensor | None:
     if isinstance(layer, RowParallelLinear) and getattr(layer, "tp_rank", 0) > 0:
         return None  # row-parallel layers add the bias on rank 0 only
     return bias
-
-
-def backend_priority() -> tuple[str, ...]:
-    """Backends to try, in order (``BACKENDS`` unless overridden by the environment)."""
-    env = os.environ.get(BACKENDS_ENV, "").strip()
-    if not env:
-        return BACKENDS
-    chosen = tuple(b.strip() for b in env.split(",") if b.strip())
-    unknown = [b for b in chosen if b not in BACKENDS]
-    if unknown:
-        raise ValueError(f"{BACKENDS_ENV}={env!r} names unknown backends {unknown}; known: {list(BACKENDS)}")
-    return chosen
-
-
-def choose_backend(device: torch.device, act_bits: int, K: int, N: int, had_size: int,
-                   backends: tuple[str, ...] | None = None) -> tuple[str, list[str]]:
-    """First backend that can run this linear, and the refusal reasons of those before it.
-
-    Raises ``ValueError`` with every refusal reason when none can.
-    """
-    reasons = []
-    for b in backend_priority() if backends is None else backends:
-        ok, why = can_implement(b, device, act_bits, K, N, had_size)
-        if ok:
-            return b, reasons
-        reasons.append(why)
-    raise ValueError(f"no spinquant backend can run this linear (act_bits={act_bits}, K={K}, "
-                     f"N={N}, had_size={had_size}, device={device}): " + "; ".join(reasons))
 
 
 def _expected_shards(layer: torch.nn.Module) -> tuple:
@@ -144,7 +112,10 @@ class SpinQuantLinearMethod(LinearMethodBase):
     """W4A{act_bits} linear of one vLLM layer (one instance per layer).
 
     Args:
-        quant_config: the parsed checkpoint config.
+        quant_config: the parsed checkpoint config; its ``backends`` (None:
+            ``spinquant_kernels.linear.BACKENDS``) is the priority list the
+            backend is chosen from, its ``options.warmup`` whether the GEMM
+            is tuned at load time.
         prefix: the layer's vLLM name (``model.layers.0.mlp.down_proj``);
             its last component decides whether the R4 Hadamard applies.
     """
@@ -154,8 +125,11 @@ class SpinQuantLinearMethod(LinearMethodBase):
         self.prefix = prefix
         cfg = quant_config.cfg
         self.act_bits = cfg.act_bits
-        self.is_r4 = prefix.rpartition(".")[2] in R4_PROJECTIONS
+        self.is_r4 = prefix.rpartition(".")[2] in fmt.R4_PROJECTIONS
+        # r4_size 0: the checkpoint has no R4, and neither has any layer
         self.had_size = cfg.r4_size if self.is_r4 else 0
+        self.backends: tuple[str, ...] = quant_config.backends or BACKENDS
+        self.warmup = quant_config.options.warmup
         self.backend: str | None = None
         self._expected_shards: tuple = (None,)
         self._loaded: dict[str, set] | None = None
@@ -165,11 +139,11 @@ class SpinQuantLinearMethod(LinearMethodBase):
     # ------------------------------------------------------------------
     def _check_shapes(self, layer: torch.nn.Module, K: int, N: int, input_size: int) -> None:
         tp = getattr(layer, "tp_size", None) or get_tensor_model_parallel_world_size()
-        if K % PACK_FACTOR:
+        if K % fmt.PACK_FACTOR:
             raise ValueError(
                 f"spinquant: {self.prefix} holds K={K} input columns per rank (input_size "
-                f"{input_size}, tensor parallel size {tp}); two int4 codes share a byte, so K "
-                "must be even")
+                f"{input_size}, tensor parallel size {tp}); {fmt.PACK_FACTOR} int4 codes share a "
+                f"byte, so K must be a multiple of {fmt.PACK_FACTOR}")
         if self.had_size and K % self.had_size:
             raise ValueError(
                 f"spinquant: {self.prefix}: the online Hadamard R4 is block-diagonal with "
@@ -193,25 +167,25 @@ class SpinQuantLinearMethod(LinearMethodBase):
         N = sum(output_partition_sizes)
         self._check_shapes(layer, K, N, input_size)
         self._expected_shards = _expected_shards(layer)
-        self._loaded: dict[str, set] = {"qweight": set(), "weight_scale": set()}
+        self._loaded = {QWEIGHT: set(), SCALE: set()}
         self._check_loaded = _checks_loaded_shards()
         self._warmup_max_m = _max_batched_tokens()  # the config is current while layers are built
 
         qweight = PackedvLLMParameter(
-            data=torch.empty(N, K // PACK_FACTOR, dtype=fmt.PACKED_DTYPE),
+            data=torch.empty(N, K // fmt.PACK_FACTOR, dtype=fmt.PACKED_DTYPE),
             input_dim=1,
             output_dim=0,
             packed_dim=1,
-            packed_factor=PACK_FACTOR,
-            weight_loader=self._tracking(weight_loader, "qweight"),
+            packed_factor=fmt.PACK_FACTOR,
+            weight_loader=self._tracking(weight_loader, QWEIGHT),
         )
         weight_scale = ChannelQuantScaleParameter(
             data=torch.empty(N, dtype=fmt.SCALE_DTYPE),
             output_dim=0,
-            weight_loader=self._tracking(weight_loader, "weight_scale"),
+            weight_loader=self._tracking(weight_loader, SCALE),
         )
-        layer.register_parameter("qweight", qweight)
-        layer.register_parameter("weight_scale", weight_scale)
+        layer.register_parameter(QWEIGHT, qweight)
+        layer.register_parameter(SCALE, weight_scale)
         set_weight_attrs(qweight, extra_weight_attrs)
         set_weight_attrs(weight_scale, extra_weight_attrs)
         layer.spinquant_shape = (N, K)
@@ -240,30 +214,32 @@ class SpinQuantLinearMethod(LinearMethodBase):
                                  f"for shard(s) {parts}; got shards {sorted(map(str, got))}")
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Prepare the loaded weight for the kernels and choose the backend."""
+        """Prepare the loaded weight for the kernels, choose the backend, warm the GEMM up."""
         if self._check_loaded and self._loaded is not None:
             self._check_all_loaded()
             # later calls (weight reloads) replace whole tensors; check once
             self._loaded = None
-        packed = prepare_w4(layer.qweight.data, layer.weight_scale.data)
+        packed = prepare_w4(getattr(layer, QWEIGHT).data, getattr(layer, SCALE).data)
         N, K = layer.spinquant_shape
         if (packed.N, packed.K) != (N, K):
             raise ValueError(f"spinquant: {self.prefix}: prepared weight is {packed.N}x{packed.K}, "
                              f"expected {N}x{K}")
         # Plain parameters from here on: the tensors the op reads, with
         # fixed addresses for CUDA graphs.
-        for name, t in (("qweight", packed.qweight), ("weight_scale", packed.scale),
-                        ("weight_rowsum", packed.rowsum)):
+        for name, t in ((QWEIGHT, packed.qweight), (SCALE, packed.scale), (ROWSUM, packed.rowsum)):
             if name in layer._parameters:
                 del layer._parameters[name]
             layer.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
 
-        self.backend, refused = choose_backend(packed.device, self.act_bits, K, N, self.had_size)
-        if refused:
+        self.backend = select_backend(packed.device, self.act_bits, K, N, self.had_size, self.backends)
+        passed_over = self.backends[:self.backends.index(self.backend)]
+        if passed_over:
+            reasons = [can_implement(b, packed.device, self.act_bits, K, N, self.had_size)[1]
+                       for b in passed_over]
             logger.warning("spinquant: %s (%dx%d, act_bits=%d, had_size=%d) runs on backend %r; "
                            "refused before it: %s", self.prefix, N, K, self.act_bits,
-                           self.had_size, self.backend, "; ".join(refused))
-        if self.backend == "triton" and warmup_enabled():
+                           self.had_size, self.backend, "; ".join(reasons))
+        if self.backend == "triton" and self.warmup:
             self._warmup(layer, packed)
 
     def _warmup(self, layer: torch.nn.Module, packed) -> None:
@@ -280,10 +256,15 @@ class SpinQuantLinearMethod(LinearMethodBase):
         try:
             ran = sq_kernels.warmup(packed, self.act_bits, self.had_size, dtype, _applied_bias(layer),
                                     max_m=max_m)
-        except Exception as e:  # noqa: BLE001 - tuning ahead of time is an optimisation only
-            logger.warning("spinquant: GEMM warm-up failed for %s (N=%d K=%d): %s: %s; the autotuner "
-                           "will tune on first use instead (%s=0 skips the warm-up)", self.prefix,
-                           packed.N, packed.K, type(e).__name__, e, WARMUP_ENV)
+        except torch.OutOfMemoryError as e:
+            # The warm-up's own buffers (up to max_m x K input, max_m x N output) are the
+            # only allocation here that serving does not make; any other failure (a kernel
+            # that does not compile or launch) would fail the first request the same way,
+            # so it stops the load instead.
+            logger.warning("spinquant: GEMM warm-up ran out of memory for %s (N=%d K=%d, up to "
+                           "%s tokens): %s; the autotuner will tune on first use instead (%s=0 "
+                           "skips the warm-up)", self.prefix, packed.N, packed.K, max_m, e,
+                           WARMUP_ENV)
             return
         if not ran:
             return
@@ -301,5 +282,5 @@ class SpinQuantLinearMethod(LinearMethodBase):
               bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x (..., K_r)`` bf16/fp16 -> ``(..., N_r)`` in x.dtype (bias added when given)."""
         return torch.ops.spinquant.w4ax_linear(
-            x, layer.qweight, layer.weight_scale, layer.weight_rowsum,
+            x, getattr(layer, QWEIGHT), getattr(layer, SCALE), getattr(layer, ROWSUM),
             self.act_bits, self.had_size, bias, self.backend)

@@ -2,11 +2,11 @@
 
 vLLM compiles the model with Dynamo and replays it with CUDA graphs. The
 kernel wrapper :func:`spinquant_kernels.linear.w4ax_linear` takes a Python
-dataclass (:class:`~spinquant_kernels.linear.PackedW4`) and does shape checks
-and backend selection in Python, so it is wrapped here as a custom op whose
-arguments are tensors and constants. Dynamo records a single call and never
-traces into the wrapper; the fake implementation gives the output's shape
-and dtype for symbolic shapes. The op does no host synchronisation: every
+dataclass (:class:`~spinquant_kernels.linear.PackedW4`) and dispatches in
+Python on the backend the linear method chose at load time, so it is wrapped
+here as a custom op whose arguments are tensors and constants. Dynamo
+records a single call and never traces into the wrapper; the fake
+implementation gives the output's shape and dtype for symbolic shapes. The op does no host synchronisation: every
 branch in the real implementation depends on shapes, dtypes and constants.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from spinquant_kernels.format import PACK_FACTOR
 from spinquant_kernels.linear import PackedW4, w4ax_linear
 
 OP_NAME = "spinquant::w4ax_linear"
@@ -32,15 +33,16 @@ def w4ax_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     x: (..., K) bf16/fp16; qweight: (N, K/2) uint8 (``format.pack_int4``);
     scale: (N,) float32; rowsum: (N,) int32 (the three tensors of a
     :class:`PackedW4`); act_bits 4, 8 or 16; had_size 0 or the block Hadamard
-    size over K; bias (N,) or None; backend: one of
-    ``spinquant_kernels.linear.BACKENDS`` or None (first that fits).
+    size over K; bias (N,) or None; backend: the layer's choice from
+    ``spinquant_kernels.linear.select_backend``, trusted as given, or None
+    (checked and chosen on this call).
     Returns (..., N) in x.dtype.
     """
     if x.numel() == 0:
         # vLLM may run a layer on zero tokens (empty ranks, dummy batches);
         # a zero-sized launch grid is an error in Triton.
         return x.new_empty(_out_shape(x, qweight))
-    N, K = qweight.shape[0], 2 * qweight.shape[1]
+    N, K = qweight.shape[0], PACK_FACTOR * qweight.shape[1]
     w = PackedW4(qweight, scale, rowsum, N, K)
     return w4ax_linear(x, w, act_bits, had_size, bias, backend)
 

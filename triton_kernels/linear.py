@@ -8,25 +8,26 @@ One call computes the runtime math of ARCHITECTURE.md::
 
 ``act_bits == 16`` is weight-only (W4A16): the activations are not quantized.
 
-Backends are tried in priority order (:data:`BACKENDS`); each answers
-:func:`can_implement` with ``(ok, reason)`` and the last one, ``"reference"``
-(plain PyTorch), accepts everything. :func:`select_backend` raises with every
-refusal reason when nothing fits.
+The backend is chosen once per layer, when its weight is prepared:
+:func:`select_backend` tries :data:`BACKENDS` in priority order, each
+answering :func:`can_implement` with ``(ok, reason)``; the last one,
+``"reference"`` (plain PyTorch), accepts everything the format allows, and
+the choice raises with every refusal reason when nothing fits. A caller that
+passes the chosen ``backend`` to :func:`w4ax_linear` skips the choice (and
+the argument checks) on every call; without one the call chooses itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
 from . import format as fmt
+from ._common import interpreting
 from .hadamard import decompose, hadamard_transform_ref
 from .hadamard_quant import hadamard_only, hadamard_quant, hadamard_quant_supported
-from . import w4a4_gemm as _gemm
-from .w4a4_gemm import (QUANT_GEMM_MAX_M, _m_bucket, w4a4_gemm, w4a4_matmul_exact, w4a4_quant_gemm,
-                        w4a16_gemm, w4a16_supported)
+from .w4a4_gemm import _m_bucket, w4a4_gemm, w4a4_matmul_exact, w4a16_gemm, w4a16_supported
 
 # Priority order; the reference path is last and accepts every input.
 BACKENDS: tuple[str, ...] = ("triton", "reference")
@@ -40,8 +41,9 @@ _ACT_BITS = (4, 8, 16)
 class PackedW4:
     """A 4-bit weight prepared for the kernels.
 
-    qweight: (N, K/2) uint8, contiguous, ``format.pack_int4`` layout (element
-        2j in the low nibble, 2j+1 in the high nibble, centred codes in [-8, 7]).
+    qweight: (N, K/2) uint8 (``format.PACK_FACTOR`` codes per byte), contiguous,
+        ``format.pack_int4`` layout (element 2j in the low nibble, 2j+1 in the
+        high nibble, centred codes in [-8, 7]).
         The GEMM reads this layout directly (no repack is needed).
     scale: (N,) float32 per-output-channel symmetric scale.
     rowsum: (N,) int32, sum over K of the int4 codes (the zero-point correction).
@@ -55,8 +57,9 @@ class PackedW4:
     K: int
 
     def __post_init__(self) -> None:
-        if self.qweight.dtype != fmt.PACKED_DTYPE or tuple(self.qweight.shape) != (self.N, self.K // 2):
-            raise ValueError(f"PackedW4.qweight must be ({self.N}, {self.K // 2}) uint8, got "
+        packed_k = self.K // fmt.PACK_FACTOR
+        if self.qweight.dtype != fmt.PACKED_DTYPE or tuple(self.qweight.shape) != (self.N, packed_k):
+            raise ValueError(f"PackedW4.qweight must be ({self.N}, {packed_k}) uint8, got "
                              f"{tuple(self.qweight.shape)} {self.qweight.dtype}")
         if self.scale.dtype != torch.float32 or tuple(self.scale.shape) != (self.N,):
             raise ValueError(f"PackedW4.scale must be ({self.N},) float32, got "
@@ -80,7 +83,7 @@ def _check_weight(qweight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[in
     N, KH = qweight.shape
     if tuple(weight_scale.shape) not in ((N,), (N, 1)):
         raise ValueError(f"weight_scale must be ({N},) to match qweight, got {tuple(weight_scale.shape)}")
-    return N, 2 * KH
+    return N, fmt.PACK_FACTOR * KH
 
 
 def prepare_w4_ref(qweight: torch.Tensor, weight_scale: torch.Tensor) -> PackedW4:
@@ -114,7 +117,7 @@ def prepare_w4(qweight: torch.Tensor, weight_scale: torch.Tensor) -> PackedW4:
 def _triton_usable(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         return True, ""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cpu" and interpreting():
         return True, ""
     return False, (f"triton: needs a CUDA device (or TRITON_INTERPRET=1 on CPU), "
                    f"got device {device}")
@@ -126,8 +129,9 @@ def can_implement(backend: str, device: torch.device | str, act_bits: int, K: in
     device = torch.device(device)
     if act_bits not in _ACT_BITS:
         return False, f"{backend}: act_bits must be one of {list(_ACT_BITS)}, got {act_bits}"
-    if K % 2:
-        return False, f"{backend}: K must be even (two int4 codes per byte), got K={K}"
+    if K % fmt.PACK_FACTOR:
+        return False, (f"{backend}: K must be a multiple of {fmt.PACK_FACTOR} "
+                       f"({fmt.PACK_FACTOR} int4 codes per byte), got K={K}")
     if had_size and K % had_size:
         return False, f"{backend}: had_size {had_size} must divide K={K}"
     if had_size:
@@ -152,7 +156,11 @@ def can_implement(backend: str, device: torch.device | str, act_bits: int, K: in
 
 def select_backend(device: torch.device | str, act_bits: int, K: int, N: int, had_size: int = 0,
                    backends: tuple[str, ...] = BACKENDS) -> str:
-    """First backend of ``backends`` that can implement the linear; raises with every reason."""
+    """First backend of ``backends`` that can implement the linear; raises with every reason.
+
+    Runs once per layer (the vLLM plugin calls it when the weight is loaded);
+    pass its answer to :func:`w4ax_linear` as ``backend``.
+    """
     reasons = []
     for b in backends:
         ok, why = can_implement(b, device, act_bits, K, N, had_size)
@@ -212,24 +220,27 @@ def w4ax_linear(x: torch.Tensor, w: PackedW4, act_bits: int, had_size: int = 0,
 
     x: (..., K) bf16/fp16 (fp32 accepted); w: :class:`PackedW4`; act_bits 4, 8
     or 16 (16 = weight-only); had_size 0 (none) or the block Hadamard size over
-    K; bias (N,) or None. Returns (..., N) in x.dtype. ``backend`` forces one
-    backend (still checked with :func:`can_implement`); default: the first of
-    :data:`BACKENDS` that fits.
+    K; bias (N,) or None. Returns (..., N) in x.dtype.
+
+    ``backend``: the answer of :func:`select_backend` for this layer, trusted
+    as given (the per-call path checks only K); None checks the arguments and
+    chooses from :data:`BACKENDS` on this call.
     """
-    _check_linear(x, w, act_bits, had_size, bias)
-    chosen = select_backend(x.device, act_bits, w.K, w.N, had_size,
-                            BACKENDS if backend is None else (backend,))
-    if chosen == "reference" or (act_bits == 16 and x.dtype == torch.float32):
+    if backend is None:
+        _check_linear(x, w, act_bits, had_size, bias)
+        backend = select_backend(x.device, act_bits, w.K, w.N, had_size)
+    elif x.shape[-1] != w.K:
+        raise ValueError(f"x's last dimension must equal the weight's K={w.K}, got {x.shape[-1]}")
+    if backend == "reference" or (act_bits == 16 and x.dtype == torch.float32):
         # (the W4A16 kernel takes 16-bit activations only)
         return w4ax_linear_ref(x, w, act_bits, had_size, bias)
+    if backend != "triton":
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.K)
     if act_bits == 16:
         xin = hadamard_only(x2, had_size) if had_size else x2
         y = w4a16_gemm(xin, w, out_dtype=x.dtype, bias=bias)
-    elif act_bits == 4 and not had_size and x2.shape[0] <= QUANT_GEMM_MAX_M:
-        # decode: the GEMM quantizes its rows itself (bit-identical, one launch)
-        y = w4a4_quant_gemm(x2, w, out_dtype=x.dtype, bias=bias)
     else:
         q, s, z = hadamard_quant(x2, had_size, act_bits)
         y = w4a4_gemm(q, s, z, w, out_dtype=x.dtype, bias=bias)
@@ -241,7 +252,7 @@ def w4ax_linear(x: torch.Tensor, w: PackedW4, act_bits: int, had_size: int = 0,
 # ----------------------------------------------------------------------------
 # The GEMM autotuner (w4a4_gemm._tuned_kernel) keys on the M bucket
 # (w4a4_gemm._m_bucket: next power of two, capped at 8192), N, K/2, the
-# activation kind and the dtypes of its tensor arguments (output, bias). A key
+# activation bits and the dtypes of its tensor arguments (output, bias). A key
 # seen for the first time costs ~6-8 compilations and timing runs. vLLM's
 # start-up only runs M = max_num_batched_tokens and its CUDA-graph sizes
 # (<= 512), so without a warm-up the prefill buckets 1024-4096 are tuned inside
@@ -291,14 +302,13 @@ def warmup_sizes(max_m: int | None = None, both_alignments: bool = True) -> list
 
 def _warmup_applies(device: torch.device) -> bool:
     """Only compiled kernels on a GPU are tuned: not on CPU, not under the interpreter."""
-    return torch.device(device).type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    return torch.device(device).type == "cuda" and not interpreting()
 
 
 def warmup_key(w: PackedW4, act_bits: int, had_size: int = 0, dtype: torch.dtype = torch.bfloat16,
                bias: torch.Tensor | None = None) -> tuple:
     """What makes two linears' autotuner keys (and compiled kernels) differ."""
-    return (w.N, w.K, act_bits, _gemm.DEFAULT_MMA if act_bits in (4, 8) else None, had_size, dtype,
-            None if bias is None else bias.dtype, str(w.device))
+    return (w.N, w.K, act_bits, had_size, dtype, None if bias is None else bias.dtype, str(w.device))
 
 
 def warmup(w: PackedW4, act_bits: int = 4, had_size: int = 0, dtype: torch.dtype = torch.bfloat16,

@@ -1,4 +1,4 @@
-"""w4ax_linear (the plugin's entry point) against w4ax_linear_ref, and backend selection."""
+"""w4ax_linear (the plugin's entry point) against w4ax_linear_ref, backend selection, warm-up."""
 
 import math
 
@@ -73,6 +73,29 @@ def test_backend_selection():
     assert "triton:" in str(e.value) and "reference:" in str(e.value)
     with pytest.raises(ValueError, match="unknown backend"):
         select_backend("cpu", 4, 64, 64, backends=("cutlass",))
+
+
+def test_linear_trusts_a_given_backend(monkeypatch):
+    """With ``backend`` given the call neither chooses nor re-checks; without one it chooses."""
+    from spinquant_kernels import linear as lin
+
+    g = torch.Generator().manual_seed(3)
+    _, w = _layer(24, 192, g)
+    x = torch.randn(5, 192, generator=g).to(torch.bfloat16)
+    chosen = []
+    real = lin.select_backend
+    monkeypatch.setattr(lin, "select_backend", lambda *a, **k: chosen.append(a) or real(*a, **k))
+    for backend in BACKENDS:
+        y = w4ax_linear(x, w, 4, 64, backend=backend)
+        assert y.shape == (5, 24)
+    assert chosen == []
+    assert torch.equal(w4ax_linear(x, w, 4, 64, backend="reference"), w4ax_linear_ref(x, w, 4, 64))
+    w4ax_linear(x, w, 4, 64)
+    assert chosen == [(x.device, 4, 192, 24, 64)]
+    with pytest.raises(ValueError, match=r"backend must be one of \['triton', 'reference'\], got 'cutlass'"):
+        w4ax_linear(x, w, 4, 64, backend="cutlass")
+    with pytest.raises(ValueError, match="last dimension"):
+        w4ax_linear(x[:, :64], w, 4, backend="triton")
 
 
 def test_linear_rejects_bad_inputs():
@@ -150,10 +173,10 @@ def test_warmup_is_a_noop_on_cpu_and_under_the_interpreter(warm_env, monkeypatch
     assert lin.warmup(w, 16, max_m=64) is False
     assert calls == {"linear": [], "launch": []}
     assert lin._WARMED == set()
-    # a CUDA device under TRITON_INTERPRET=1 is not tuned either (no compiled kernels there)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # a CUDA device under the interpreter is not tuned either (no compiled kernels there)
+    monkeypatch.setattr(lin, "interpreting", lambda: True)
     assert not lin._warmup_applies(torch.device("cuda"))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(lin, "interpreting", lambda: False)
     assert lin._warmup_applies(torch.device("cuda"))
     assert not lin._warmup_applies(torch.device("cpu"))
 
@@ -191,7 +214,7 @@ def test_warmup_tunes_every_bucket_gpu(act_bits, monkeypatch):
     assert lin.warmup(w, act_bits, max_m=max_m) is True
     tuned = tuned_configs()
     for b in lin.warmup_buckets(max_m):
-        # key: (M bucket, N, K/2, A_BITS, MMA_FP8, tensor dtypes...)
-        prefix = f"({b}, {N}, {K // 2}, {act_bits}, False"
+        # key: (M bucket, N, K/2, A_BITS, ..., tensor dtypes)
+        prefix = f"({b}, {N}, {K // 2}, {act_bits},"
         assert any(k.startswith(prefix) for k in tuned), (b, sorted(tuned))
     assert lin.warmup(w, act_bits, max_m=max_m) is False

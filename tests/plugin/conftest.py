@@ -90,10 +90,12 @@ def write_checkpoint(out_dir: str, cfg: fmt.SpinQuantConfig, shape: TinyShape = 
 # ----------------------------------------------------------------------------
 # vLLM context
 # ----------------------------------------------------------------------------
-def _cpu_vllm_config(model_config=None):
+def _cpu_vllm_config(model_config=None, quant_config=None):
     from vllm.config import DeviceConfig, LoadConfig, VllmConfig
 
     kw = {} if model_config is None else {"model_config": model_config}
+    if quant_config is not None:
+        kw["quant_config"] = quant_config
     return VllmConfig(device_config=DeviceConfig(device="cpu"), load_config=LoadConfig(), **kw)
 
 
@@ -145,13 +147,21 @@ def cpu_attention(monkeypatch):
 
 @pytest.fixture
 def load_vllm_model(vllm_dist, cpu_attention):
-    """``load(ckpt_dir, **model_config_kw) -> (model, vllm_config)`` through DefaultModelLoader."""
+    """``load(ckpt_dir, backends=None, **model_config_kw) -> (model, vllm_config)`` through DefaultModelLoader.
+
+    ``backends``: the priority list the linears choose from (None: the
+    kernels' default), given to the quantization config vLLM parsed.
+    """
     from vllm.config import ModelConfig, set_current_vllm_config
     from vllm.model_executor.model_loader import get_model_loader
 
-    def load(ckpt_dir: str, **kw):
+    from spinquant_vllm.config import SpinQuantVllmConfig
+
+    def load(ckpt_dir: str, backends: tuple[str, ...] | None = None, **kw):
         mc = ModelConfig(model=ckpt_dir, dtype="bfloat16", skip_tokenizer_init=True, **kw)
         vc = _cpu_vllm_config(mc)
+        if backends is not None:
+            vc = _cpu_vllm_config(mc, SpinQuantVllmConfig(vc.quant_config.cfg, backends=backends))
         # vLLM's set_default_torch_dtype does not restore the default dtype when
         # loading raises; tests that expect a refusal would leave bf16 behind
         default_dtype = torch.get_default_dtype()

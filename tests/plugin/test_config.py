@@ -74,6 +74,26 @@ def test_act_clip_other_than_one_is_refused():
         _cls().from_config(d)
 
 
+def test_r4_size_must_be_resolved_in_a_checkpoint():
+    """0 is "no R4"; a checkpoint with the offline stage's "derive from the model" is refused."""
+    cfg = fmt.SpinQuantConfig.from_preset("W4A4KV16", rotation="none")
+    assert cfg.r4_size == 0
+    assert _cls()(cfg).cfg.r4_size == 0
+    # as if the format had parsed r4_size: null from config.json
+    object.__setattr__(cfg, "r4_size", None)
+    with pytest.raises(ValueError, match=r"r4_size=None.*as an int \(0 = no R4\)"):
+        _cls()(cfg)
+
+
+@pytest.mark.parametrize("backends", ["reference", (), ("triton", 3)])
+def test_backends_must_be_a_list_of_names(backends):
+    cfg = fmt.SpinQuantConfig.from_preset("W4A4KV16")
+    with pytest.raises(ValueError, match="backends must be a non-empty sequence"):
+        _cls()(cfg, backends=backends)
+    assert _cls()(cfg, backends=["reference"]).backends == ("reference",)
+    assert _cls()(cfg).backends is None
+
+
 def test_kv4_without_attention_backend_fails_at_start(no_attention_module):
     d = fmt.SpinQuantConfig.from_preset("W4A4KV4", r3_size=16).to_dict()
     with pytest.raises(ValueError, match=r"kv_bits=4.*spinquant_vllm\.attention"):

@@ -65,16 +65,16 @@ FUSED = {
 
 @pytest.fixture
 def loaded(tmp_path, ckpt, load_vllm_model):
-    """``load(preset, r4_size=128, shape=None, act_bits=None) -> (model, state dict on disk, cfg)``."""
+    """``load(preset, r4_size=128, shape=None, act_bits=None, backends=None) -> (model, state dict, cfg)``."""
 
-    def load(preset: str = "W4A4KV16", r4_size: int = 128, shape=None, act_bits=None):
+    def load(preset: str = "W4A4KV16", r4_size: int = 128, shape=None, act_bits=None, backends=None):
         cfg = fmt.SpinQuantConfig.from_preset(preset, r4_size=r4_size, rotation="hadamard",
                                               weight_method="rtn")
         if act_bits is not None:
             cfg = dataclasses.replace(cfg, act_bits=act_bits)
         d = tmp_path / cfg.preset
         sd = ckpt.write(str(d), cfg, shape or ckpt.Shape(layers=2))
-        model, _ = load_vllm_model(str(d))
+        model, _ = load_vllm_model(str(d), backends=backends)
         return model, sd, cfg
 
     return load
@@ -149,11 +149,8 @@ def test_missing_checkpoint_tensor_is_named(tmp_path, ckpt, load_vllm_model):
 # apply
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize("act_bits", [4, 8, 16])
-def test_apply_reference_backend_is_bit_exact(loaded, monkeypatch, act_bits):
-    from spinquant_vllm import linear as sq_linear
-
-    monkeypatch.setenv(sq_linear.BACKENDS_ENV, "reference")
-    model, sd, cfg = loaded("W4A4KV16", act_bits=act_bits)
+def test_apply_reference_backend_is_bit_exact(loaded, act_bits):
+    model, sd, cfg = loaded("W4A4KV16", act_bits=act_bits, backends=("reference",))
     g = torch.Generator().manual_seed(GEN_SEED)
     for vname, parts in FUSED.items():
         layer = _vllm_layer(model, 0, vname)
@@ -190,15 +187,14 @@ def test_apply_default_backend_matches_reference(loaded, sqnr, act_bits):
         assert sqnr(float_ref(x, codes, scale, had), y) > floor, vname
 
 
-def test_apply_adds_bias_and_handles_empty_batches(vllm_ctx, monkeypatch):
+def test_apply_adds_bias_and_handles_empty_batches(vllm_ctx):
     from vllm.model_executor.layers.linear import RowParallelLinear
 
-    from spinquant_vllm import linear as sq_linear
     from spinquant_vllm.config import SpinQuantVllmConfig
 
-    monkeypatch.setenv(sq_linear.BACKENDS_ENV, "reference")
     cfg = fmt.SpinQuantConfig.from_preset("W4A4KV16", r4_size=64)
-    layer = RowParallelLinear(64, 48, bias=True, quant_config=SpinQuantVllmConfig(cfg),
+    qc = SpinQuantVllmConfig(cfg, backends=("reference",))
+    layer = RowParallelLinear(64, 48, bias=True, quant_config=qc,
                               params_dtype=torch.bfloat16, prefix="model.layers.0.mlp.down_proj")
     g = torch.Generator().manual_seed(GEN_SEED)
     q, s = fmt.quantize_weight(torch.randn(48, 64, generator=g), mse=False)
@@ -247,14 +243,12 @@ def _build_and_load(qc, sd, layer_idx=0):
     return layers
 
 
-def test_tp_rank1_of_2_loads_its_shard(vllm_ctx, tp_rank, ckpt, tmp_path, monkeypatch, sqnr):
-    from spinquant_vllm import linear as sq_linear
+def test_tp_rank1_of_2_loads_its_shard(vllm_ctx, tp_rank, ckpt, tmp_path, sqnr):
     from spinquant_vllm.config import SpinQuantVllmConfig
 
-    monkeypatch.setenv(sq_linear.BACKENDS_ENV, "reference")
     cfg = fmt.SpinQuantConfig.from_preset("W4A4KV16", r4_size=64)
     sd = ckpt.write(str(tmp_path), cfg)
-    qc = SpinQuantVllmConfig(cfg)
+    qc = SpinQuantVllmConfig(cfg, backends=("reference",))
     by_rank = {}
     for rank in (0, 1):
         tp_rank(rank, 2)
@@ -319,15 +313,14 @@ def test_r4_over_sharded_intermediate_fails_at_start(vllm_ctx, tp_rank):
 # ----------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------
-def _reference_down_proj(monkeypatch):
+def _reference_down_proj():
     from vllm.model_executor.layers.linear import RowParallelLinear
 
-    from spinquant_vllm import linear as sq_linear
     from spinquant_vllm.config import SpinQuantVllmConfig
 
-    monkeypatch.setenv(sq_linear.BACKENDS_ENV, "reference")
     cfg = fmt.SpinQuantConfig.from_preset("W4A4KV16", r4_size=64)
-    layer = RowParallelLinear(128, 64, quant_config=SpinQuantVllmConfig(cfg), params_dtype=torch.bfloat16,
+    qc = SpinQuantVllmConfig(cfg, backends=("reference",))
+    layer = RowParallelLinear(128, 64, quant_config=qc, params_dtype=torch.bfloat16,
                               bias=False, prefix="model.layers.0.mlp.down_proj")
     g = torch.Generator().manual_seed(GEN_SEED)
     q, s = fmt.quantize_weight(torch.randn(64, 128, generator=g), mse=False)
@@ -337,18 +330,18 @@ def _reference_down_proj(monkeypatch):
     return layer, g
 
 
-def test_op_passes_opcheck(vllm_ctx, monkeypatch):
-    layer, g = _reference_down_proj(monkeypatch)
+def test_op_passes_opcheck(vllm_ctx):
+    layer, g = _reference_down_proj()
     x = torch.randn(4, 128, generator=g).to(torch.bfloat16)
     args = (x, layer.qweight, layer.weight_scale, layer.weight_rowsum, 4, 64, None, "reference")
     torch.library.opcheck(torch.ops.spinquant.w4ax_linear.default, args)
 
 
-def test_apply_compiles_fullgraph_with_dynamic_tokens(vllm_ctx, monkeypatch):
+def test_apply_compiles_fullgraph_with_dynamic_tokens(vllm_ctx):
     """Dynamo traces apply() without graph breaks, one graph for every token count."""
     import torch._dynamo.testing
 
-    layer, g = _reference_down_proj(monkeypatch)
+    layer, g = _reference_down_proj()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
     fn = torch.compile(lambda x: layer.quant_method.apply(layer, x), backend=counter,
@@ -375,27 +368,76 @@ def test_apply_float16_activations(loaded, sqnr):
 
 
 # ----------------------------------------------------------------------------
-# GEMM autotuner warm-up at load time
+# backend choice at load time
 # ----------------------------------------------------------------------------
-def _warm_layers(bias=False, n=2):
-    """``n`` down_proj layers of one shape (64 x 128, r4 64) with loaded weights, not yet processed."""
+def _down_proj(backends=None, warmup=False, bias=False, prefix="model.layers.0.mlp.down_proj", seed=0):
+    """A down_proj (64 x 128, r4 64) with loaded weights, not yet processed."""
     from vllm.model_executor.layers.linear import RowParallelLinear
 
+    from spinquant_kernels.options import Options
     from spinquant_vllm.config import SpinQuantVllmConfig
 
     cfg = fmt.SpinQuantConfig.from_preset("W4A4KV16", r4_size=64)
-    g = torch.Generator().manual_seed(GEN_SEED)
-    layers = []
-    for i in range(n):
-        layer = RowParallelLinear(128, 64, quant_config=SpinQuantVllmConfig(cfg), bias=bias,
-                                  params_dtype=torch.bfloat16, prefix=f"model.layers.{i}.mlp.down_proj")
-        q, s = fmt.quantize_weight(torch.randn(64, 128, generator=g), mse=False)
-        layer.qweight.weight_loader(layer.qweight, fmt.pack_int4(q))
-        layer.weight_scale.weight_loader(layer.weight_scale, s)
-        if bias:
-            layer.bias.weight_loader(layer.bias, torch.randn(64, generator=g).to(torch.bfloat16))
-        layers.append(layer)
-    return layers
+    qc = SpinQuantVllmConfig(cfg, backends=backends, opts=Options(warmup=warmup))
+    layer = RowParallelLinear(128, 64, quant_config=qc, bias=bias, params_dtype=torch.bfloat16,
+                              prefix=prefix)
+    g = torch.Generator().manual_seed(GEN_SEED + seed)
+    q, s = fmt.quantize_weight(torch.randn(64, 128, generator=g), mse=False)
+    layer.qweight.weight_loader(layer.qweight, fmt.pack_int4(q))
+    layer.weight_scale.weight_loader(layer.weight_scale, s)
+    if bias:
+        layer.bias.weight_loader(layer.bias, torch.randn(64, generator=g).to(torch.bfloat16))
+    return layer
+
+
+def test_apply_trusts_the_backend_chosen_at_load(vllm_ctx, monkeypatch):
+    """After loading, apply() neither chooses nor checks a backend again."""
+    from spinquant_kernels import linear as lin
+
+    layer = _down_proj()
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.quant_method.backend == "triton"  # interpreted on CPU
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(GEN_SEED)).to(torch.bfloat16)
+    want = layer.quant_method.apply(layer, x)
+
+    def refuse(*a, **k):
+        raise AssertionError("a backend was chosen on the hot path")
+
+    monkeypatch.setattr(lin, "select_backend", refuse)
+    monkeypatch.setattr(lin, "can_implement", refuse)
+    assert torch.equal(layer.quant_method.apply(layer, x), want)
+
+
+def test_backend_falls_back_with_the_refusal_logged(vllm_ctx, monkeypatch):
+    """Triton refused (a CPU device without the interpreter): the reference path, and why."""
+    from spinquant_kernels import linear as lin
+    from spinquant_vllm import linear as sq_linear
+
+    monkeypatch.setattr(lin, "interpreting", lambda: False)
+    warned = []
+    monkeypatch.setattr(sq_linear.logger, "warning", lambda msg, *a: warned.append(msg % a))
+    layer = _down_proj()
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.quant_method.backend == "reference"
+    assert len(warned) == 1 and "'reference'" in warned[0] and "triton: needs a CUDA device" in warned[0]
+
+
+def test_no_usable_backend_fails_at_load_with_every_reason(vllm_ctx, monkeypatch):
+    from spinquant_kernels import linear as lin
+
+    monkeypatch.setattr(lin, "interpreting", lambda: False)
+    layer = _down_proj(backends=("cutlass", "triton"))
+    with pytest.raises(ValueError) as e:
+        layer.quant_method.process_weights_after_loading(layer)
+    assert "unknown backend 'cutlass'" in str(e.value) and "triton: needs a CUDA device" in str(e.value)
+
+
+# ----------------------------------------------------------------------------
+# GEMM autotuner warm-up at load time
+# ----------------------------------------------------------------------------
+def _warm_layers(bias=False, n=2, backends=None):
+    """``n`` down_proj layers of one shape (64 x 128, r4 64) with loaded weights and warm-up on."""
+    return [_down_proj(backends, True, bias, f"model.layers.{i}.mlp.down_proj", seed=i) for i in range(n)]
 
 
 @pytest.fixture
@@ -411,7 +453,6 @@ def warm_record(monkeypatch):
         return False
 
     monkeypatch.setattr(lin, "warmup", fake)
-    monkeypatch.delenv("SPINQUANT_WARMUP", raising=False)
     return calls
 
 
@@ -428,23 +469,34 @@ def test_process_weights_calls_warmup_with_final_weights(vllm_ctx, warm_record):
     assert warm_record[0]["qweight"].data_ptr() == layer.qweight.data_ptr()
 
 
-@pytest.mark.parametrize("value", ["0", "off", "false"])
-def test_warmup_env_var_disables_it(vllm_ctx, warm_record, monkeypatch, value):
-    from spinquant_vllm import linear as sq_linear
-
-    monkeypatch.setenv(sq_linear.WARMUP_ENV, value)
-    assert not sq_linear.warmup_enabled()
-    for layer in _warm_layers():
-        layer.quant_method.process_weights_after_loading(layer)
+def test_warmup_option_off_skips_it(vllm_ctx, warm_record):
+    layer = _down_proj(warmup=False)
+    assert layer.quant_method.warmup is False
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.quant_method.backend == "triton"
     assert warm_record == []
 
 
-def test_warmup_skipped_on_reference_backend(vllm_ctx, warm_record, monkeypatch):
-    from spinquant_vllm import linear as sq_linear
+@pytest.mark.parametrize("warmup", [True, False])
+def test_config_reads_the_process_options_once(vllm_ctx, monkeypatch, warmup):
+    """vLLM builds the config with no options: it reads options() once, the layers take it from there."""
+    from spinquant_kernels.options import Options
+    from spinquant_vllm import config as sq_config
 
-    monkeypatch.setenv(sq_linear.BACKENDS_ENV, "reference")
-    for layer in _warm_layers():
+    reads = []
+    monkeypatch.setattr(sq_config, "options", lambda: reads.append(1) or Options(warmup=warmup))
+    qc = sq_config.SpinQuantVllmConfig.from_config(fmt.SpinQuantConfig.from_preset("W4A4KV16").to_dict())
+    assert qc.options.warmup is warmup and len(reads) == 1
+    from spinquant_vllm.linear import SpinQuantLinearMethod
+
+    assert SpinQuantLinearMethod(qc, "model.layers.0.mlp.down_proj").warmup is warmup
+    assert len(reads) == 1
+
+
+def test_warmup_skipped_on_reference_backend(vllm_ctx, warm_record):
+    for layer in _warm_layers(backends=("reference",)):
         layer.quant_method.process_weights_after_loading(layer)
+        assert layer.quant_method.backend == "reference"
     assert warm_record == []
 
 
@@ -457,7 +509,6 @@ def test_warmup_on_cpu_launches_nothing(vllm_ctx, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("warm-up launched a kernel on CPU")
 
-    monkeypatch.delenv(sq_linear.WARMUP_ENV, raising=False)
     monkeypatch.setattr(lin, "w4ax_linear", boom)
     monkeypatch.setattr(gemm, "_launch", boom)
     monkeypatch.setattr(lin, "_WARMED", set())
@@ -473,7 +524,6 @@ def test_warmup_once_per_shape_across_layers(vllm_ctx, monkeypatch):
     from spinquant_vllm import linear as sq_linear
 
     runs = []
-    monkeypatch.delenv(sq_linear.WARMUP_ENV, raising=False)
     monkeypatch.setattr(lin, "_warmup_applies", lambda device: True)
     monkeypatch.setattr(lin, "_WARMED", set())
     monkeypatch.setattr(lin, "w4ax_linear",
@@ -487,18 +537,31 @@ def test_warmup_once_per_shape_across_layers(vllm_ctx, monkeypatch):
     assert sq_linear._WARMUP_TOTAL["shapes"] == 1
 
 
-def test_failed_warmup_warns_and_loading_goes_on(vllm_ctx, monkeypatch, caplog):
+def test_warmup_out_of_memory_warns_and_loading_goes_on(vllm_ctx, monkeypatch):
     from spinquant_kernels import linear as lin
+    from spinquant_kernels.options import WARMUP_ENV
+    from spinquant_vllm import linear as sq_linear
 
-    def boom(*a, **k):
-        raise RuntimeError("out of resources")
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 470.00 MiB")
 
-    monkeypatch.setattr(lin, "warmup", boom)
-    monkeypatch.delenv("SPINQUANT_WARMUP", raising=False)
+    monkeypatch.setattr(lin, "warmup", oom)
     (layer,) = _warm_layers(n=1)
     warned = []
-    from spinquant_vllm import linear as sq_linear
     monkeypatch.setattr(sq_linear.logger, "warning", lambda msg, *a: warned.append(msg % a))
     layer.quant_method.process_weights_after_loading(layer)
     assert layer.quant_method.backend == "triton"
-    assert len(warned) == 1 and "out of resources" in warned[0] and "SPINQUANT_WARMUP" in warned[0]
+    assert len(warned) == 1 and "470.00 MiB" in warned[0] and WARMUP_ENV in warned[0]
+
+
+def test_warmup_failure_other_than_memory_stops_the_load(vllm_ctx, monkeypatch):
+    """A kernel that fails in the warm-up would fail the first request: the load says so instead."""
+    from spinquant_kernels import linear as lin
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX compile failed")
+
+    monkeypatch.setattr(lin, "warmup", broken)
+    (layer,) = _warm_layers(n=1)
+    with pytest.raises(RuntimeError, match="PTX compile failed"):
+        layer.quant_method.process_weights_after_loading(layer)

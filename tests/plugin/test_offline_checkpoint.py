@@ -30,12 +30,10 @@ def _registered(vllm_dist):
 
 
 @pytest.mark.parametrize("preset", ["W4A4KV16", "W4A16KV16"])
-def test_vllm_layers_match_offline_fake_quant(tmp_path, load_vllm_model, monkeypatch, sqnr, preset):
+def test_vllm_layers_match_offline_fake_quant(tmp_path, load_vllm_model, sqnr, preset):
     checkpoint = pytest.importorskip("spinquant_offline.checkpoint")
     from spinquant_offline import fake_quant, pipeline
     from spinquant_offline.model import tiny_llama
-
-    from spinquant_vllm import linear as sq_linear
 
     model = tiny_llama(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=128,
                        dtype=torch.float32)
@@ -44,8 +42,7 @@ def test_vllm_layers_match_offline_fake_quant(tmp_path, load_vllm_model, monkeyp
     assert cfg.r4_size == 128  # R4 over the whole intermediate dimension
     out = checkpoint.save_checkpoint(tmp_path / "ckpt", model, cfg, _NoTokenizer(), meta)
 
-    monkeypatch.setenv(sq_linear.BACKENDS_ENV, "reference")
-    vmodel, _ = load_vllm_model(out)
+    vmodel, _ = load_vllm_model(out, backends=("reference",))
     offline = fake_quant.quant_linears(model)
     g = torch.Generator().manual_seed(GEN_SEED)
     fused = {
