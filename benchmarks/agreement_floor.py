@@ -8,7 +8,9 @@ fake-quant model (``served_accuracy.py --variants`` with no variant records the
 same for a checkpoint); without it, the unquantized bundled SmolLM2, the floor
 of the floor. Writes ``agreement_floor_TAG.json`` under ``--out``.
 
-    python benchmarks/agreement_floor.py --out benchmarks/results/serving/smollm2 --prompts 12 --new-tokens 16
+Reproduce (CPU or GPU, minutes; ``--ckpt`` as ``served_accuracy.py`` writes one):
+
+    python benchmarks/agreement_floor.py --out /tmp/agreement --prompts 12 --new-tokens 16
 """
 
 from __future__ import annotations

@@ -7,8 +7,11 @@ rotations saved by the pipeline or ``benchmarks/accuracy.py``.
 Writes ``kurtosis.json`` and ``kurtosis.png`` (no rotation vs the last
 rotation given) under ``--out``.
 
-    python benchmarks/kurtosis.py --out benchmarks/results/accuracy \
-        --rotations benchmarks/results/accuracy/rotations_W4A4KV4_learned_rtn.pt
+Reproduce (CPU or GPU, a minute) with the learned rotations committed beside the results
+(``accuracy.py`` writes them, seed 0):
+
+    python benchmarks/kurtosis.py --out /tmp/kurtosis \
+        --rotations benchmarks/results/accuracy/2026-11-22_smollm2_rotations_w4a4kv4_learned_rtn.pt
 """
 
 from __future__ import annotations

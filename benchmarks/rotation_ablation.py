@@ -1,13 +1,13 @@
 """Learned vs random-Hadamard rotation under two RTN weight quantizers (SmolLM2, W4A4KV4).
 
-Checks one hypothesis for why the first learned rotation lost to its
-random-Hadamard start: it was learned with absmax weight fake quant and
-evaluated with the MSE-clipped RTN. Evaluates both rotations with both weight
-quantizers on the first ``--windows`` 2048-token windows of the held-out text.
+Whether a rotation learned with one weight fake quant (absmax) keeps its advantage
+over its random-Hadamard start when deployed with another (the MSE-clipped RTN):
+evaluates both rotations with both weight quantizers on the first ``--windows``
+2048-token windows of the held-out text. Reproduce (CPU, minutes):
 
     python benchmarks/rotation_ablation.py --windows 4 \
-        --rotations benchmarks/results/accuracy/rotations_W4A4KV4_learned_rtn.pt \
-        --out benchmarks/results/accuracy/rotation_ablation.json
+        --rotations benchmarks/results/accuracy/2026-11-22_smollm2_rotations_w4a4kv4_learned_rtn.pt \
+        --out /tmp/rotation_ablation.json
 """
 
 from __future__ import annotations

@@ -26,9 +26,13 @@ and ``teacher_forced`` (the offline model, fed the prompt plus vLLM's own
 continuation, predicts vLLM's next token by argmax; one number per position,
 independent of earlier differences).
 
-Example (H100, vLLM bundle on PYTHONPATH):
-    python3 benchmarks/served_accuracy.py --ckpt /tmp/ckpt/w4a4kv4 --out $OUT \
-        --variants spinquant+compile kv16 int4kv
+Reproduce on an H100 with vLLM 0.26 and this project installed: first the checkpoint (learned
+rotations and GPTQ on the bundled SmolLM2, about 10 minutes), then the comparison:
+
+    spinquant quantize --rotation learned --weights gptq --bits W4A4KV4 --device cuda \
+        --out /tmp/ckpt/w4a4kv4
+    python benchmarks/served_accuracy.py --ckpt /tmp/ckpt/w4a4kv4 --variants spinquant+compile kv16 int4kv \
+        --out benchmarks/results/serving/"$(date -u +%F_%H%M)_smollm2" --tag smollm2_w4a4kv4
 """
 
 from __future__ import annotations

@@ -9,8 +9,16 @@ endpoints (/health, /metrics, /v1/spinquant/config). Every response is
 recorded in ``server_check_TAG.json`` under ``--out`` with a pass/fail per
 check; the server is stopped with SIGTERM (graceful drain) at the end.
 
-Example (H100, vLLM bundle on PYTHONPATH):
-    python3 benchmarks/server_check.py --ckpt /tmp/ckpt/w4a4kv4 --out $OUT -- --gpu-memory-utilization 0.4
+Reproduce on an H100 with vLLM 0.26 and this project installed, on the Llama-3-8B-shaped
+W4A4KV16 folder with dummy weights (``benchmarks/models.py`` writes it):
+
+    python benchmarks/models.py --out /tmp/models --only llama3-8b
+    python benchmarks/server_check.py --ckpt /tmp/models/llama3-8b/spinquant_w4a4kv16 \
+        --out benchmarks/results/serving --tag "$(date -u +%F)_llama3-8b_w4a4kv16" -- --engine vllm \
+        --tokenizer /tmp/models/llama3-8b/tokenizer --load-format dummy --enforce-eager
+
+or on a real checkpoint (``served_accuracy.py`` says how to write one):
+``--ckpt /tmp/ckpt/w4a4kv4 --tag smollm2_w4a4kv4 -- --engine vllm --gpu-memory-utilization 0.4``.
 """
 
 from __future__ import annotations
@@ -94,9 +102,9 @@ def run_checks(base_url: str) -> dict:
                 "token_logprobs": lp.token_logprobs if lp else None}
 
     def chat():
-        # logprobs record the generated tokens: with dummy weights (session 2-3 checks) the
-        # content came back empty after 24 tokens, and only the tokens can say whether the
-        # model generated special tokens (dropped from text) or the server lost the text
+        # logprobs record the generated tokens: with dummy weights the content can come back
+        # empty after 24 tokens, and only the tokens can say whether the model generated
+        # special tokens (dropped from text) or the server lost the text
         r = client.chat.completions.create(model=model, max_tokens=24, temperature=0, logprobs=True,
                                            messages=[{"role": "user", "content": "Name one planet."}])
         msg = r.choices[0].message

