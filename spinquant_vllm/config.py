@@ -103,12 +103,15 @@ class SpinQuantVllmConfig(QuantizationConfig):
     @staticmethod
     def _check_supported(cfg: SpinQuantConfig) -> None:
         """Refuse settings the serving path cannot run, naming field and value."""
-        # A checkpoint holds the resolved R4 block size (0: no R4); "derive it
-        # from the model" exists only at the offline stage's input.
-        if type(cfg.r4_size) is not int:
-            raise ValueError(
-                f"quantization_config.r4_size={cfg.r4_size!r}: a checkpoint must hold the R4 "
-                "block size as an int (0 = no R4); re-write it with `spinquant quantize`")
+        # A checkpoint holds the resolved online Hadamard block sizes (0: not
+        # applied); None, "derive from the model", exists only at the offline
+        # stage's input.
+        for name in ("r4_size", "r3_size"):
+            v = getattr(cfg, name)
+            if type(v) is not int:
+                raise ValueError(
+                    f"quantization_config.{name}={v!r}: a checkpoint holds the online Hadamard "
+                    "block size as an int (0 = not applied); write it with `spinquant quantize`")
         # The fused quantize kernel behind w4ax_linear quantizes with plain
         # min-max; a checkpoint calibrated with a clip ratio would be served
         # with different activation codes than it was evaluated with.

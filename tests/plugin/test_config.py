@@ -21,6 +21,14 @@ def _cls():
     return SpinQuantVllmConfig
 
 
+def _preset(preset: str = "W4A4KV16", **kw) -> fmt.SpinQuantConfig:
+    """A checkpoint's config: the Hadamard sizes resolved (R4 128, R3 16 with a 4-bit cache)."""
+    kw.setdefault("r4_size", 128)
+    if fmt.Preset(preset).bits[2] < 16:
+        kw.setdefault("r3_size", 16)
+    return fmt.SpinQuantConfig.from_preset(preset, **kw)
+
+
 @pytest.fixture
 def no_attention_module(monkeypatch):
     import spinquant_vllm.config as c
@@ -47,7 +55,7 @@ def test_from_config_round_trips_the_format_config(preset):
     ("pack_order", "high_nibble_first"), ("act_symmetric", True), ("r4_size", -4),
 ])
 def test_from_config_rejects_unsupported_values_naming_field_and_value(field, value):
-    d = fmt.SpinQuantConfig.from_preset("W4A4KV16").to_dict()
+    d = _preset().to_dict()
     d[field] = value
     with pytest.raises(ValueError) as e:
         _cls().from_config(d)
@@ -55,7 +63,7 @@ def test_from_config_rejects_unsupported_values_naming_field_and_value(field, va
 
 
 def test_from_config_rejects_unknown_keys_and_other_methods():
-    d = fmt.SpinQuantConfig.from_preset("W4A4KV16").to_dict()
+    d = _preset().to_dict()
     with pytest.raises(ValueError, match="group_size"):
         _cls().from_config({**d, "group_size": 128})
     with pytest.raises(ValueError, match="'gptq'"):
@@ -69,25 +77,25 @@ def test_missing_quantization_config_is_named():
 
 
 def test_act_clip_other_than_one_is_refused():
-    d = fmt.SpinQuantConfig.from_preset("W4A4KV16", act_clip=0.9).to_dict()
+    d = _preset(act_clip=0.9).to_dict()
     with pytest.raises(ValueError, match=r"act_clip=0\.9"):
         _cls().from_config(d)
 
 
-def test_r4_size_must_be_resolved_in_a_checkpoint():
-    """0 is "no R4"; a checkpoint with the offline stage's "derive from the model" is refused."""
-    cfg = fmt.SpinQuantConfig.from_preset("W4A4KV16", rotation="none")
-    assert cfg.r4_size == 0
+@pytest.mark.parametrize("field", ["r4_size", "r3_size"])
+def test_hadamard_sizes_must_be_resolved(field):
+    """0 is "not applied"; the offline stage's None ("derive from the model") is refused."""
+    cfg = fmt.SpinQuantConfig.from_preset("W4A4KV16", rotation="none", r4_size=0, r3_size=0)
     assert _cls()(cfg).cfg.r4_size == 0
-    # as if the format had parsed r4_size: null from config.json
-    object.__setattr__(cfg, "r4_size", None)
-    with pytest.raises(ValueError, match=r"r4_size=None.*as an int \(0 = no R4\)"):
+    # a config built in code, or parsed by a format that let None through
+    object.__setattr__(cfg, field, None)
+    with pytest.raises(ValueError, match=rf"{field}=None.*as an int \(0 = not applied\)"):
         _cls()(cfg)
 
 
 @pytest.mark.parametrize("backends", ["reference", (), ("triton", 3)])
 def test_backends_must_be_a_list_of_names(backends):
-    cfg = fmt.SpinQuantConfig.from_preset("W4A4KV16")
+    cfg = _preset()
     with pytest.raises(ValueError, match="backends must be a non-empty sequence"):
         _cls()(cfg, backends=backends)
     assert _cls()(cfg, backends=["reference"]).backends == ("reference",)
@@ -95,7 +103,7 @@ def test_backends_must_be_a_list_of_names(backends):
 
 
 def test_kv4_without_attention_backend_fails_at_start(no_attention_module):
-    d = fmt.SpinQuantConfig.from_preset("W4A4KV4", r3_size=16).to_dict()
+    d = _preset("W4A4KV4").to_dict()
     with pytest.raises(ValueError, match=r"kv_bits=4.*spinquant_vllm\.attention"):
         _cls().from_config(d)
 
@@ -104,7 +112,7 @@ def test_kv4_without_attention_backend_fails_at_start(no_attention_module):
 # --quantization vs the checkpoint
 # ----------------------------------------------------------------------------
 def test_override_claims_only_spinquant_checkpoints():
-    ours = fmt.SpinQuantConfig.from_preset("W4A4KV16").to_dict()
+    ours = _preset().to_dict()
     ov = _cls().override_quantization_method
     assert ov(ours, None) == "spinquant"
     assert ov(ours, "spinquant") == "spinquant"
@@ -187,7 +195,7 @@ def test_module_matches(pattern, prefix, hit):
 
 
 def test_layer_skipping_honours_modules_not_quantized():
-    base = fmt.SpinQuantConfig.from_preset("W4A4KV16")
+    base = _preset()
     qc = _cls()(dataclasses.replace(base, modules_not_quantized=("lm_head", "layers.1.mlp")))
     qc.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
                                  "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -253,6 +261,6 @@ def test_kv4_attention_layers_go_through_the_attention_hook(vllm_ctx, cpu_attent
     assert calls == [(layer, "model.layers.0.self_attn.attn", cfg)]
     # 16-bit KV: the hook is not called
     calls.clear()
-    qc16 = _cls().from_config(fmt.SpinQuantConfig.from_preset("W4A4KV16").to_dict())
+    qc16 = _cls().from_config(_preset().to_dict())
     assert qc16.get_quant_method(layer, "model.layers.0.self_attn.attn") is None
     assert calls == []

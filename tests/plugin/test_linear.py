@@ -485,7 +485,7 @@ def test_config_reads_the_process_options_once(vllm_ctx, monkeypatch, warmup):
 
     reads = []
     monkeypatch.setattr(sq_config, "options", lambda: reads.append(1) or Options(warmup=warmup))
-    qc = sq_config.SpinQuantVllmConfig.from_config(fmt.SpinQuantConfig.from_preset("W4A4KV16").to_dict())
+    qc = sq_config.SpinQuantVllmConfig.from_config(fmt.SpinQuantConfig.from_preset("W4A4KV16", r4_size=128).to_dict())
     assert qc.options.warmup is warmup and len(reads) == 1
     from spinquant_vllm.linear import SpinQuantLinearMethod
 
