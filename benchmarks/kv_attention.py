@@ -1,29 +1,35 @@
-"""Decode attention over the 4-bit KV cache: ours vs bf16 flash (and vLLM's int4 when importable).
+"""KV4 attention over the 4-bit cache, the path the vLLM plugin runs, against vLLM's baselines.
 
     python benchmarks/kv_attention.py [--out benchmarks/results] [--quick]
-        [--sections decode write prefill mixed] [--mixed-set one|serving] [--tag SUFFIX]
+        [--sections decode bigdecode write prefill mixed] [--mixed-set one|serving] [--tag SUFFIX]
 
-For each head shape (Llama-3-8B: 32 q / 8 kv heads x 128; SmolLM2-135M: 9 / 3 x 64),
-batch 1 / 32 and context 1k / 4k / 16k it times on the same random data:
+On an H100 with vLLM installed (repo root, ``pip install -e .`` done):
+``python benchmarks/kv_attention.py`` times every section but ``bigdecode``;
+``python benchmarks/kv_attention.py --quick --sections prefill mixed bigdecode`` times the
+serving-shaped cases (Llama-3-8B heads) that docs/KV_CACHE.md quotes.
 
-* ``ours``: ``spinquant_kernels.attention.kv4_decode_attention`` with its
-  default settings (what the vLLM backend runs), plus a sweep of
-  ``num_splits`` / ``tile_n`` / ``num_warps`` / ``fold_zero`` for the Llama
-  shape (best recorded separately, to tune the defaults);
-* ``bf16_flash``: ``scaled_dot_product_attention`` on contiguous bf16 K/V with
-  the GQA group folded into the query length (exact for one decode token; the
-  fastest bf16 path torch offers, and a lower bound for a paged bf16 kernel);
-* ``vllm_int4``: vLLM 0.26's ``int4_per_token_head`` path (RHT on q, packed
-  attention, inverse RHT on the output, as TRITON_ATTN runs it) when vLLM imports.
+Every section times our kernels exactly as ``spinquant_vllm.attention.SpinQuantKV4Impl``
+calls them (default tiles) next to vLLM 0.26's own kernels on the same random data:
 
-Times are GPU time per call from CUDA-graph replays with the L2 flushed
-before each call (``_bench``). It reports bytes moved and the bandwidth floor
-(3.0 TB/s, the measured H100 device copy rate, DESIGN.md), attention-output
-SQNR against fp32 attention on the unquantized K/V (ours and vLLM's), the cache
-write time, both prefill paths (4-bit kernel with a sweep of its variants, dequantize +
-varlen flash) against bf16 causal flash, and chunked-prefill steps (decodes next to prefill
-chunks) through the whole-batch prefill kernel and through ``kv4_mixed_attention``.
-Results: ``kv_attention_<gpu><tag>.json`` and ``.md``.
+* ``decode`` (batch 1 / 32, context 1k / 4k / 16k; Llama-3-8B heads 32 q / 8 kv x 128 and
+  SmolLM2-135M heads 9 / 3 x 64) and ``bigdecode`` (256 and 440 sequences x 4608 tokens, where
+  KV capacity binds): ``kv4_decode_attention`` against vLLM's FlashAttention over a bf16 paged
+  cache of the same K/V and pages (what vLLM runs for a 16-bit cache), vLLM's
+  ``int4_per_token_head`` (TRITON_ATTN's unified attention) and torch's sdpa on contiguous
+  bf16 K/V; attention-output SQNR against fp32 attention on the unquantized K/V. For the
+  Llama shape (not with ``--quick``) and in ``bigdecode`` a sweep of the decode kernel's tile
+  overrides (splits x key tile x warps) shows how far the defaults are from the best.
+* ``write``: the fused R3 + int4 + paged store against a bf16 ``index_put``.
+* ``prefill``: a fresh 4096-token prompt through ``kv4_mixed_attention_flash`` (K/V read
+  back from the 4-bit cache, then vLLM's FlashAttention) against that flash kernel alone on
+  bf16 K/V and torch's sdpa causal.
+* ``mixed``: one chunked-prefill step (decodes next to prefill chunks with and without cached
+  context) through ``kv4_mixed_attention_flash``, the decode rows alone, and vLLM's
+  FlashAttention over contiguous bf16 K/V of the same batch.
+
+Times are GPU time per call from CUDA-graph replays with the L2 flushed before each call
+(``_bench``); bytes moved and the bandwidth floor (3.0 TB/s, the measured H100 device copy
+rate, DESIGN.md) beside them. Results: ``kv_attention_<gpu><tag>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -219,12 +225,25 @@ def _vllm_fa_paged(q, k, v, block_table, L):
 # (batch, context) of the decode steps where KV capacity binds: a 4096-in / 512-out run holds
 # ~440 sequences of ~4.6k tokens in the 4-bit cache (vLLM's max_num_seqs is 1024 on an H100)
 BIG_DECODE = ((256, 4608), (440, 4608))
-BIG_SWEEP = [dict(num_splits=sp, tile_n=tn, num_warps=w, unpack=u)
-             for sp in (1, 2, 4) for tn in (64, 128, 256) for w in (4, 8) for u in ("sub",)]
+# tile overrides of kv4_decode_attention the sweep times (num_splits None: the default count)
+DECODE_SWEEP = [dict(num_splits=sp, tile_n=tn, num_warps=w)
+                for sp in (None, 1, 2, 4, 8, 32) for tn in (64, 128, 256) for w in (4, 8)]
 
 
-def decode_case(name, B, L, gen, dev, sweep) -> dict:
-    """One decode step; ``sweep`` False, True (the small-batch grid) or "big" (BIG_SWEEP)."""
+def _sweep(run, grid) -> list:
+    """Time ``run(**kw)`` for every ``kw`` of ``grid``; a setting that fails to compile (e.g. out
+    of shared memory or registers) is recorded with its error, not fatal."""
+    out = []
+    for kw in grid:
+        try:
+            out.append(dict(kw, ms=_bench(run(**kw))))
+        except (RuntimeError, ValueError) as e:
+            out.append(dict(kw, ms=float("nan"), error=f"{type(e).__name__}: {str(e)[:200]}"))
+    return out
+
+
+def decode_case(name, B, L, gen, dev, sweep: bool) -> dict:
+    """One decode step of ``B`` sequences at context ``L``; ``sweep``: also time DECODE_SWEEP."""
     Hq, Hkv, D = SHAPES[name]
     q, k, v, bt, slots = _make(B, L, Hq, Hkv, D, gen, dev)
     nb = bt.numel()
@@ -249,9 +268,6 @@ def decode_case(name, B, L, gen, dev, sweep) -> dict:
     ours()()
     if exact is not None:
         res["ours_sqnr_db"] = _sqnr_db(exact, out.float())
-    # the other code unpackings at the default splits (prefill_case explains them)
-    for unpack in ("fold", "magic"):
-        res[f"ours_{unpack}_ms"] = _bench(ours(unpack=unpack))
     res["ours_bytes"] = B * L * Hkv * 2 * kc.kv4_head_bytes(D)
     kt, vt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
     res["bf16_flash_ms"] = _bench(_bf16_flash(q, kt, vt))
@@ -270,25 +286,10 @@ def decode_case(name, B, L, gen, dev, sweep) -> dict:
         res["vllm_fa_paged_bf16"] = f"not importable: {e}"
     except (RuntimeError, TypeError, ValueError) as e:
         res["vllm_fa_paged_bf16"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-    if sweep == "big":
-        grid = []
-        for kw in BIG_SWEEP:
-            try:
-                grid.append(dict(kw, ms=_bench(ours(**kw))))
-            except (RuntimeError, ValueError) as e:   # e.g. out of shared memory at 256 x 8
-                grid.append(dict(kw, ms=float("nan"), error=f"{type(e).__name__}: {str(e)[:200]}"))
+    if sweep:
+        grid = _sweep(ours, DECODE_SWEEP)
         ok = [x for x in grid if x["ms"] == x["ms"]]
         res["ours_sweep_best"] = min(ok, key=lambda r: r["ms"]) if ok else None
-        res["ours_sweep"] = grid
-    elif sweep:
-        grid = []
-        for splits in (None, 8, 32):
-            for tile in (64, 128):
-                for warps in (4, 8):
-                    for fold in (False, True):
-                        kw = dict(num_splits=splits, tile_n=tile, num_warps=warps, fold_zero=fold)
-                        grid.append(dict(kw, ms=_bench(ours(**kw))))
-        res["ours_sweep_best"] = min(grid, key=lambda r: r["ms"])
         res["ours_sweep"] = grid
     try:
         run, vout = _vllm_int4_runner(q, k, v, bt, slots, L)
@@ -323,51 +324,6 @@ def write_case(name, T, gen, dev) -> dict:
             "bf16_index_put_ms": _bench(bf16_write)}
 
 
-# prefill variants timed side by side: (block_m, tile_n, num_warps, unpack, heavy_first,
-# num_stages). The first is the default through session 6 (1.39 ms at 4k against bf16 flash's
-# 0.50); the second adds what session 7 made default (longest causal blocks first, no mask on
-# interior tiles); then the unpackings (`fold`: c + 8 converted int -> float, the zero point
-# removed once per score; `magic`: 136 + c as bf16 bit patterns, no conversion at all), more
-# query rows per unpacked K/V tile (256) and pipelining depths.
-PREFILL_VARIANTS = (
-    (128, 32, 4, "sub", False, None), (128, 32, 4, "sub", True, None),
-    (128, 32, 4, "fold", True, None), (128, 32, 4, "magic", True, None),
-    (128, 64, 4, "magic", True, None), (128, 64, 8, "magic", True, None),
-    (64, 32, 4, "magic", True, None), (256, 32, 8, "magic", True, None),
-    (256, 64, 8, "magic", True, None), (256, 64, 8, "magic", True, 2),
-    (256, 32, 8, "sub", True, None), (256, 64, 8, "sub", True, None),
-    (128, 32, 4, "magic", True, 2), (128, 32, 4, "magic", True, 4),
-    (128, 64, 4, "magic", True, 3),
-)
-
-
-def _variant_kw(v) -> dict:
-    bm, tn, nw, unpack, heavy, st = v
-    return dict(block_m=bm, tile_n=tn, num_warps=nw, unpack=unpack, heavy_first=heavy,
-                num_stages=st)
-
-
-def _variant_name(d: dict) -> str:
-    return (f"bm{d['block_m']} tn{d['tile_n']} w{d['num_warps']} {d['unpack']}"
-            + ("" if d["heavy_first"] else " inorder")
-            + (f" st{d['num_stages']}" if d.get("num_stages") else ""))
-
-
-def _prefill_sweep(run) -> list:
-    """Time ``run(**kw)`` for every PREFILL_VARIANTS entry; a variant that fails to compile
-    (e.g. out of shared memory or registers) is recorded with its error, not fatal."""
-    out = []
-    for v in PREFILL_VARIANTS:
-        kw = _variant_kw(v)
-        try:
-            ms = _bench(run(**kw))
-            out.append(dict(kw, ms=ms))
-        except (RuntimeError, ValueError) as e:
-            out.append(dict(kw, ms=float("nan"), error=f"{type(e).__name__}: {str(e)[:200]}"))
-        torch.cuda.empty_cache()
-    return out
-
-
 def _flash_varlen(dev):
     """(varlen, name) for kv4_mixed_attention_flash: the plugin's choice (vLLM's FlashAttention,
     FA3 on Hopper) when vLLM imports, else torch's varlen_attn; the plain-PyTorch stand-in on
@@ -381,45 +337,46 @@ def _flash_varlen(dev):
         return at.torch_varlen_causal, "torch varlen_attn"
 
 
+def _vllm_fa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, out):
+    """vLLM's FlashAttention over contiguous varlen bf16 K/V (GQA read natively, causal aligned
+    to the last key, as for a 16-bit cache): a callable; ImportError without vLLM's build."""
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    ver = get_flash_attn_version()
+    if ver is None:
+        raise ImportError("vLLM FlashAttention not usable here")
+    return lambda: flash_attn_varlen_func(q, k, v, max_q, cu_q, max_k, cu_seqlens_k=cu_k,
+                                          softmax_scale=scale, causal=True, out=out,
+                                          fa_version=ver)
+
+
 def prefill_case(name, L, gen, dev) -> dict:
+    """A fresh ``L``-token prompt: the plugin's path against the flash kernel on bf16 K/V."""
     Hq, Hkv, D = SHAPES[name]
     q, k, v, bt, slots = _make(1, L, Hq, Hkv, D, gen, dev)
     cache = kc.allocate_kv4_cache(bt.numel(), BLOCK, Hkv, D, dev)
     kc.kv4_cache_write(k.reshape(-1, Hkv, D), v.reshape(-1, Hkv, D), cache, slots,
                        hadamard=kc.hadamard_halves(D, D, torch.bfloat16, dev))
     had = kc.hadamard_perm(D, D, torch.bfloat16, dev)
+    hf = kc.hadamard_full(D, D, torch.bfloat16, dev)
     qs = torch.randn(L, Hq, D, generator=gen, device=dev, dtype=torch.bfloat16)
     sl = torch.tensor([L], dtype=torch.int32, device=dev)
     cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
     out = torch.empty_like(qs)
+    sc = 1 / math.sqrt(D)
+    varlen, vname = _flash_varlen(dev)
+    res = {"model": name, "prompt": L, "flash_varlen": vname}
+    res["ours_ms"] = _bench(lambda: at.kv4_mixed_attention_flash(
+        qs, cache, bt, sl, cu, sc, L, out=out, hadamard_perm=had, hadamard_full=hf,
+        varlen=varlen))
+    # what a 16-bit cache's prefill costs: the same flash kernel on bf16 K/V
+    res["flash_bf16_ms"] = _bench(lambda: varlen(qs, k[0], v[0], cu, L, sc, out))
     qt = qs.transpose(0, 1)[None]
     kt = k[0].transpose(0, 1)[None].repeat_interleave(Hq // Hkv, 1)
     vt = v[0].transpose(0, 1)[None].repeat_interleave(Hq // Hkv, 1)
-
-    def run(**kw):
-        return lambda: at.kv4_prefill_attention(qs, cache, bt, sl, cu, 1 / math.sqrt(D), L,
-                                                out=out, hadamard=had, **kw)
-
-    res = {"model": name, "prompt": L, "ours_ms": _bench(run()), "sweep": _prefill_sweep(run)}
-    hf = kc.hadamard_full(D, D, torch.bfloat16, dev)
-    try:
-        res["ours_dense_ms"] = _bench(lambda: at.kv4_prefill_attention_dense(
-            qs, cache, bt, sl, cu, 1 / math.sqrt(D), L, L, total_kv_tokens=L, out=out,
-            hadamard=hf))
-    except (RuntimeError, ValueError, TypeError) as e:
-        # keep the other numbers; the message says what broke
-        res["ours_dense_ms"] = float("nan")
-        res["ours_dense_error"] = f"{type(e).__name__}: {e}"
-    res["bf16_flash_causal_ms"] = _bench(lambda: F.scaled_dot_product_attention(
-        qt, kt, vt, is_causal=True, scale=1 / math.sqrt(D)))
-    # the flash path: K/V read back from the 4-bit cache, then the varlen flash kernel; and
-    # that kernel alone on bf16 K/V (what a 16-bit cache's prefill costs)
-    varlen, vname = _flash_varlen(dev)
-    res["flash_varlen"] = vname
-    res["ours_flash_ms"] = _bench(lambda: at.kv4_mixed_attention_flash(
-        qs, cache, bt, sl, cu, 1 / math.sqrt(D), L, out=out, hadamard_perm=had, hadamard_full=hf,
-        varlen=varlen))
-    res["flash_bf16_ms"] = _bench(lambda: varlen(qs, k[0], v[0], cu, L, 1 / math.sqrt(D), out))
+    res["bf16_sdpa_causal_ms"] = _bench(lambda: F.scaled_dot_product_attention(
+        qt, kt, vt, is_causal=True, scale=sc))
     return res
 
 
@@ -436,11 +393,9 @@ def mixed_case(name, gen, dev, decodes: int = 256, ctx: int = 4352,
                chunks=((4096, 0), (4096, 0), (4096, 0), (3000, 1096))) -> dict:
     """A chunked-prefill step as vLLM schedules it in the 4096-in / 512-out run: ``decodes``
     one-row sequences at ``ctx`` context next to prefill chunks ``(new tokens, cached
-    context)`` (~16k tokens, vLLM's offline batch budget). Times the whole batch through the
-    prefill kernel (the default path), kv4_mixed_attention (decode rows to the decode kernel)
-    with each unpacking, the decode rows alone, and torch's bf16 varlen flash on contiguous K/V
-    of the same batch with the K/V heads repeated for GQA (as the dense path calls it; a
-    reference point, not vLLM's KV16 kernel, which reads GQA heads natively from pages)."""
+    context)`` (~16k tokens, vLLM's offline batch budget). Times the plugin's path
+    (``kv4_mixed_attention_flash``), the decode rows alone, and vLLM's FlashAttention over
+    contiguous bf16 K/V of the same batch (a 16-bit cache's step, without its paging)."""
     Hq, Hkv, D = SHAPES[name]
     q_lens = [1] * decodes + [n for n, _ in chunks]
     seq_lens = [ctx] * decodes + [n + c for n, c in chunks]
@@ -461,134 +416,90 @@ def mixed_case(name, gen, dev, decodes: int = 256, ctx: int = 4352,
         slots = bt[i].long()[pos // BLOCK] * BLOCK + pos % BLOCK
         kc.kv4_cache_write(k, torch.randn_like(k), cache, slots, hadamard=hh)
     had = kc.hadamard_perm(D, D, torch.bfloat16, dev)
+    hf = kc.hadamard_full(D, D, torch.bfloat16, dev)
     q = torch.randn(T, Hq, D, generator=gen, device=dev, dtype=torch.bfloat16)
     sl = kv_lens.to(torch.int32)
     cu = torch.zeros(S + 1, dtype=torch.int32, device=dev)
     cu[1:] = torch.tensor(q_lens, device=dev).cumsum(0)
     out = torch.empty_like(q)
     sc, mq = 1 / math.sqrt(D), max(q_lens)
+    varlen, vname = _flash_varlen(dev)
     res = {"model": name, "decodes": decodes, "decode_context": ctx,
-           "chunks": [list(c) for c in chunks], "tokens": T}
-    res["whole_prefill_ms"] = _bench(lambda: at.kv4_prefill_attention(
-        q, cache, bt, sl, cu, sc, mq, out=out, hadamard=had))
-    for unpack in ("sub", "fold", "magic"):
-        kw = {"unpack": unpack}
-        res[f"mixed_{unpack}_ms"] = _bench(lambda: at.kv4_mixed_attention(
-            q, cache, bt, sl, cu, sc, mq, out=out, hadamard=had, prefill_kw=kw, decode_kw=kw))
-    varlen, res["flash_varlen"] = _flash_varlen(dev)
-    hf = kc.hadamard_full(D, D, torch.bfloat16, dev)
-    for key, split in (("flash_ms", False), ("flash_split_ms", True)):
-        res[key] = _bench(lambda: at.kv4_mixed_attention_flash(
-            q, cache, bt, sl, cu, sc, mq, out=out, hadamard_perm=had, hadamard_full=hf,
-            varlen=varlen, split_decodes=split))
+           "chunks": [list(c) for c in chunks], "tokens": T, "flash_varlen": vname}
+    res["ours_ms"] = _bench(lambda: at.kv4_mixed_attention_flash(
+        q, cache, bt, sl, cu, sc, mq, out=out, hadamard_perm=had, hadamard_full=hf,
+        varlen=varlen))
     res["decode_rows_only_ms"] = _bench(lambda: at.kv4_decode_attention(
-        q, cache, bt, sl, cu, sc, out=out, hadamard=had, single_rows_only=True))
-    # bf16 flash over the same batch, K/V contiguous per sequence, heads repeated for GQA (as
-    # the dense path calls it; bottom-right causal through window_size=(-1, 0)); skipped when
-    # the repeated K/V would not fit comfortably
+        q, cache, bt, sl, cu, sc, out=out, hadamard=had, single_rows_only=True, num_splits=1))
     tot = int(kv_lens.sum())
-    if 2 * tot * Hq * D * 2 > 24 * 2 ** 30:
-        res["bf16_varlen_flash_error"] = f"skipped: {tot} K/V tokens x {Hq} heads > 24 GiB"
-        return res
     try:
-        from torch.nn.attention.varlen import varlen_attn
-        kb = torch.randn(tot, Hq, D, generator=gen, device=dev, dtype=torch.bfloat16)
+        kb = torch.randn(tot, Hkv, D, generator=gen, device=dev, dtype=torch.bfloat16)
         vb = torch.randn_like(kb)
         cuk = torch.zeros(S + 1, dtype=torch.int32, device=dev)
         cuk[1:] = kv_lens.cumsum(0)
-        res["bf16_varlen_flash_ms"] = _bench(lambda: varlen_attn(
-            q, kb, vb, cu, cuk, mq, max(seq_lens), scale=sc, window_size=(-1, 0)))
+        res["vllm_fa_bf16_ms"] = _bench(_vllm_fa_varlen(q, kb, vb, cu, cuk, mq, max(seq_lens),
+                                                        sc, out))
         del kb, vb
-    except (ImportError, RuntimeError, TypeError, ValueError) as e:
-        res["bf16_varlen_flash_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    except ImportError as e:
+        res["vllm_fa_bf16"] = f"not importable: {e}"
+    except (RuntimeError, TypeError, ValueError) as e:
+        res["vllm_fa_bf16"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
     return res
 
 
+def _ms(x) -> str:
+    return "-" if x is None or x != x else f"{x:.3f}"
+
+
 def _markdown(r: dict) -> str:
-    lines = [f"# Decode attention over the 4-bit KV cache ({r['device']})", "",
-             f"torch {r['torch']}, triton {r['triton']}; vLLM int4: {r['vllm']}. "
+    lines = [f"# KV4 attention over the 4-bit cache ({r['device']})", "",
+             f"torch {r['torch']}, triton {r['triton']}, vLLM {r['vllm']}. "
              "GPU ms per call: median over CUDA-graph replays with a cold L2 (launch overhead "
              "excluded). Floor = bytes / 3.0 TB/s.", "",
-             "| model | batch | context | ours ms | ours floor | ours TB/s | bf16 flash ms | "
-             "bf16 floor | vLLM int4 ms | ours / bf16 | SQNR ours dB | SQNR vLLM dB | "
-             "sweep best ms | vLLM FA paged bf16 ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "## Decode", "",
+             "| model | batch | context | ours ms | ours floor | ours TB/s | vLLM FA paged bf16 ms "
+             "| vLLM int4 ms | sdpa bf16 ms | bf16 floor | SQNR ours dB | SQNR vLLM int4 dB | "
+             "sweep best ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in r["decode"]:
-        vl = d.get("vllm_int4_ms")
-        vq = d.get("vllm_int4_sqnr_db")
-        sq = d.get("ours_sqnr_db")
-        fa = d.get("vllm_fa_paged_bf16_ms")
+        sq, vq = d.get("ours_sqnr_db"), d.get("vllm_int4_sqnr_db")
         best = (d.get("ours_sweep_best") or {}).get("ms")
         lines.append(
             f"| {d['model']} | {d['batch']} | {d['context']} | {d['ours_ms']:.4f} | "
-            f"{d['ours_floor_ms']:.4f} | {d['ours_tbps']:.2f} | {d['bf16_flash_ms']:.4f} | "
-            f"{d['bf16_floor_ms']:.4f} | {'-' if vl is None else f'{vl:.4f}'} | "
-            f"{d['ours_ms'] / d['bf16_flash_ms']:.2f} | {'-' if sq is None else f'{sq:.1f}'} | "
-            f"{'-' if vq is None else f'{vq:.1f}'} | {'-' if best is None else f'{best:.4f}'} | "
-            f"{'-' if fa is None else f'{fa:.4f}'} |")
-    big = [d for d in r["decode"] if d.get("ours_sweep") and "unpack" in d["ours_sweep"][0]]
-    for d in big:
-        lines += ["", f"### Decode sweep, batch {d['batch']} x context {d['context']} (ms; "
-                  f"default {d['ours_ms']:.3f}, vLLM FA paged bf16 "
-                  f"{d.get('vllm_fa_paged_bf16_ms', float('nan')):.3f})", "",
-                  "| splits | tile_n | warps | unpack | ms |", "|---|---|---|---|---|"]
-        lines += [f"| {x['num_splits']} | {x['tile_n']} | {x['num_warps']} | {x['unpack']} | "
-                  f"{x['ms']:.3f} |" for x in sorted(d["ours_sweep"], key=lambda x: (
+            f"{d['ours_floor_ms']:.4f} | {d['ours_tbps']:.2f} | "
+            f"{_ms(d.get('vllm_fa_paged_bf16_ms'))} | {_ms(d.get('vllm_int4_ms'))} | "
+            f"{d['bf16_flash_ms']:.4f} | {d['bf16_floor_ms']:.4f} | "
+            f"{'-' if sq is None else f'{sq:.1f}'} | {'-' if vq is None else f'{vq:.1f}'} | "
+            f"{_ms(best)} |")
+    for d in r["decode"]:
+        if not d.get("ours_sweep"):
+            continue
+        lines += ["", f"### Decode tile sweep, {d['model']}, batch {d['batch']} x context "
+                  f"{d['context']} (ms; default {d['ours_ms']:.3f})", "",
+                  "| splits | tile_n | warps | ms |", "|---|---|---|---|"]
+        lines += [f"| {x['num_splits'] or 'default'} | {x['tile_n']} | {x['num_warps']} | "
+                  f"{_ms(x['ms'])} |" for x in sorted(d["ours_sweep"], key=lambda x: (
                       x["ms"] != x["ms"], x["ms"]))]
-    if any("ours_magic_ms" in d for d in r["decode"]):
-        lines += ["", "### Decode with the other code unpackings (default splits, ms)", "",
-                  "| model | batch | context | sub (default) | fold | magic |",
-                  "|---|---|---|---|---|---|"]
-        for d in r["decode"]:
-            if "ours_magic_ms" in d:
-                lines.append(f"| {d['model']} | {d['batch']} | {d['context']} | "
-                             f"{d['ours_ms']:.4f} | {d['ours_fold_ms']:.4f} | "
-                             f"{d['ours_magic_ms']:.4f} |")
     lines += ["", "## Cache write (fused R3 + int4 + paged store) vs a bf16 index_put", "",
               "| model | tokens | ours ms | bf16 index_put ms |", "|---|---|---|---|"]
     for w in r["write"]:
         lines.append(f"| {w['model']} | {w['tokens']} | {w['ours_write_ms']:.4f} | "
                      f"{w['bf16_index_put_ms']:.4f} |")
-    lines += ["", "## Prefill (fresh prompt, K/V read back from the 4-bit cache) "
-              "vs bf16 causal flash",
-              "", "| model | prompt | ours ms (default) | best of sweep ms (config) | "
-              "ours dense ms (dequant + varlen flash) | bf16 flash causal ms | ours flash ms "
-              "(read back + varlen kernel) | varlen kernel alone on bf16 ms |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Prefill of a fresh prompt", "",
+              "| model | prompt | flash kernel | ours ms (read back + flash) | "
+              "flash on bf16 K/V ms | sdpa bf16 causal ms |", "|---|---|---|---|---|---|"]
     for p in r["prefill"]:
-        ok = [x for x in p["sweep"] if x["ms"] == x["ms"]]
-        best = min(ok, key=lambda x: x["ms"]) if ok else None
-        cfg = _variant_name(best) if best else "-"
-        best_ms = "-" if best is None else f"{best['ms']:.3f}"
-        lines.append(f"| {p['model']} | {p['prompt']} | {p['ours_ms']:.3f} | {best_ms} ({cfg}) | "
-                     f"{p['ours_dense_ms']:.3f} | {p['bf16_flash_causal_ms']:.3f} | "
-                     f"{p.get('ours_flash_ms', float('nan')):.3f} | "
-                     f"{p.get('flash_bf16_ms', float('nan')):.3f} |")
-    if r["prefill"]:
-        lines += ["", "### Prefill variants (ms)", "",
-                  "| variant | " + " | ".join(p["model"] for p in r["prefill"]) + " |",
-                  "|---|" + "---|" * len(r["prefill"])]
-        for i, v in enumerate(r["prefill"][0]["sweep"]):
-            cells = []
-            for p in r["prefill"]:
-                x = p["sweep"][i] if i < len(p["sweep"]) else None
-                cells.append("-" if x is None or x["ms"] != x["ms"] else f"{x['ms']:.3f}")
-            lines.append(f"| {_variant_name(v)} | " + " | ".join(cells) + " |")
-    if r.get("mixed"):
-        lines += ["", "## Mixed batch (decodes + prefill chunks, one chunked-prefill step)", "",
-                  "| model | decodes x context | chunks (new, cached) | whole batch through "
-                  "prefill ms | mixed sub ms | mixed fold ms | mixed magic ms | flash ms | "
-                  "flash split ms | decode rows alone ms | bf16 varlen flash ms |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for m in r["mixed"]:
-            bf = m.get("bf16_varlen_flash_ms")
-            lines.append(
-                f"| {m['model']} | {m['decodes']} x {m['decode_context']} | "
-                f"{', '.join(f'({a}, {b})' for a, b in m['chunks'])} | "
-                f"{m['whole_prefill_ms']:.3f} | {m['mixed_sub_ms']:.3f} | "
-                f"{m['mixed_fold_ms']:.3f} | {m['mixed_magic_ms']:.3f} | "
-                f"{m.get('flash_ms', float('nan')):.3f} | {m.get('flash_split_ms', float('nan')):.3f} | "
-                f"{m['decode_rows_only_ms']:.3f} | {'-' if bf is None else f'{bf:.3f}'} |")
+        lines.append(f"| {p['model']} | {p['prompt']} | {p['flash_varlen']} | "
+                     f"{p['ours_ms']:.3f} | {p['flash_bf16_ms']:.3f} | "
+                     f"{p['bf16_sdpa_causal_ms']:.3f} |")
+    lines += ["", "## Mixed batch (decodes + prefill chunks, one chunked-prefill step)", "",
+              "| model | decodes x context | chunks (new, cached) | ours ms | decode rows alone ms "
+              "| vLLM FA bf16 ms |", "|---|---|---|---|---|---|"]
+    for m in r["mixed"]:
+        lines.append(
+            f"| {m['model']} | {m['decodes']} x {m['decode_context']} | "
+            f"{', '.join(f'({a}, {b})' for a, b in m['chunks'])} | {m['ours_ms']:.3f} | "
+            f"{m['decode_rows_only_ms']:.3f} | {_ms(m.get('vllm_fa_bf16_ms'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -598,7 +509,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="Llama-3-8B shape only, no sweep")
     ap.add_argument("--sections", nargs="+", default=["decode", "write", "prefill", "mixed"],
                     choices=["decode", "write", "prefill", "mixed", "bigdecode"],
-                    help="which parts to time (default: all)")
+                    help="which parts to time (default: all but bigdecode)")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--mixed-set", default="one", choices=sorted(MIXED_SETS),
                     help="mixed-batch steps to time: 'one' (the default step) or 'serving' "
@@ -629,7 +540,7 @@ def main(argv=None) -> int:
 
     sec = set(args.sections)
     for name in models:
-        if "prefill" in sec:   # first: the part this script is run for since session 7
+        if "prefill" in sec:
             r["prefill"].append(prefill_case(name, 4096, gen, dev))
             print(json.dumps(r["prefill"][-1]), flush=True)
             save()
@@ -640,13 +551,14 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         for B in ((1, 32) if "decode" in sec else ()):
             for L in (1024, 4096, 16384):
-                d = decode_case(name, B, L, gen, dev, sweep=not args.quick and name == "llama3-8b")
+                d = decode_case(name, B, L, gen, dev,
+                                sweep=not args.quick and name == "llama3-8b")
                 print(json.dumps({k: v for k, v in d.items() if k != "ours_sweep"}), flush=True)
                 r["decode"].append(d)
                 save()
                 torch.cuda.empty_cache()
         for B, L in (BIG_DECODE if "bigdecode" in sec and name == "llama3-8b" else ()):
-            d = decode_case(name, B, L, gen, dev, sweep="big")
+            d = decode_case(name, B, L, gen, dev, sweep=True)
             print(json.dumps({k: v for k, v in d.items() if k != "ours_sweep"}), flush=True)
             r["decode"].append(d)
             save()

@@ -8,6 +8,15 @@ differs from vLLM's mode (``spinquant_kernels.kv_cache``): the R3 Hadamard of
 the checkpoint on K (none on V, which R2 already rotated), centred codes with
 the zero point in the scale word, and our Triton kernels on both sides.
 
+Which kernel answers which rows (``SpinQuantKV4Impl.forward``): a pure decode
+batch goes to the decode kernel (CUDA-graph safe); a batch with prefill rows
+goes to ``kv4_mixed_attention_flash``: fresh prompts through vLLM's
+FlashAttention over their K/V read back from the 4-bit cache, one-row
+sequences through the decode kernel, chunks with cached context through the
+Triton prefill kernel. Where FlashAttention cannot run (fp32 activations on the
+GPU) the prefill kernel answers fresh prompts too; that choice is made once per
+activation dtype.
+
 Two ways in (docs/KV_CACHE.md):
 
 * automatic: the SpinQuant quantization config calls
@@ -25,21 +34,14 @@ checkpoint; the R3 Hadamard is then not applied, which leaves Q K^T unchanged).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
 from typing import ClassVar
 
 import torch
 
 from spinquant_kernels.attention import (
-    UNPACK_MODES,
     kv4_decode_attention,
-    kv4_mixed_attention,
-    kv4_mixed_attention_dense,
     kv4_mixed_attention_flash,
-    kv4_prefill_attention,
     torch_varlen_causal,
     varlen_causal_ref,
 )
@@ -66,100 +68,27 @@ logger = logging.getLogger(__name__)
 # vLLM's name for the 4-bit per-(token, head) page layout that we reuse.
 KV_CACHE_DTYPE = "int4_per_token_head"
 BACKEND_CLASS_PATH = "spinquant_vllm.attention.SpinQuantKV4Backend"
-# Batches with prefill rows (SPINQUANT_KV4_PREFILL):
-# * "flash_split" (default since session 8): sequences with no cached context (new prompts,
-#   most of the prefill work) go through vLLM's FlashAttention (FA3 on the H100) over their
-#   K/V read back from the 4-bit cache, one-row sequences (the decodes of a mixed batch) through
-#   the decode kernel, chunks with cached context through the Triton prefill kernel
-#   (kv4_mixed_attention_flash). Session 8, side by side with W4A4KV16 on the H100: 1.05x its
-#   output tok/s at 1024/256 and 1.20x at 4096/512 (docs/KV_CACHE.md).
-# * "flash": the same with the decode rows through the prefill kernel.
-# * "triton": the whole batch through the Triton prefill kernel (the default before session 8:
-#   0.92x and 0.85x of W4A4KV16 on those workloads); "triton_whole" is accepted for it.
-# * "split": decodes to the decode kernel, the rest to the prefill kernel (kv4_mixed_attention).
-# * "dense": dequantize each prefill sequence's whole context, then torch's varlen flash.
-PREFILL_ENV = "SPINQUANT_KV4_PREFILL"
-PREFILL_MODES = ("triton", "split", "dense", "flash", "flash_split")
-PREFILL_DEFAULT = "flash_split"
-_PREFILL_ALIASES = {"triton_whole": "triton"}
-# How the attention kernels turn 4-bit codes into tensor-core operands: "sub", "fold" or
-# "magic" (spinquant_kernels.attention.kv4_prefill_attention). "magic" (136 + c as bf16 bit
-# patterns) is the default since session 8: the decode kernel at 440 sequences x 4608 tokens
-# took 1.56 ms with it against 2.40 ms with "sub" (vLLM's FA3 over a bf16 cache: 2.72 ms).
-UNPACK_ENV = "SPINQUANT_KV4_UNPACK"
-UNPACK_DEFAULT = "magic"
-# The prefill kernel's tiles, "BLOCK_M,TILE_N,WARPS[,STAGES]" (default: the kernel's own).
-PREFILL_CFG_ENV = "SPINQUANT_KV4_PREFILL_CFG"
-
-
-def prefill_cfg_from_env() -> dict:
-    """kv4_prefill_attention keyword arguments from ``$SPINQUANT_KV4_PREFILL_CFG``."""
-    text = os.environ.get(PREFILL_CFG_ENV, "").strip()
-    if not text:
-        return {}
-    parts = text.split(",")
-    try:
-        vals = [int(x) for x in parts]
-    except ValueError:
-        vals = []
-    if len(vals) not in (3, 4) or min(vals) < 1 or any(v & (v - 1) for v in vals[:3]):
-        raise ValueError(f"{PREFILL_CFG_ENV} must be BLOCK_M,TILE_N,WARPS[,STAGES] (powers of two, "
-                         f"stages >= 1), got {text!r}")
-    kw = {"block_m": vals[0], "tile_n": vals[1], "num_warps": vals[2]}
-    if len(vals) == 4:
-        kw["num_stages"] = vals[3]
-    return kw
-
-
-# The decode kernel's settings, "TILE_N,WARPS[,SPLITS]" (default: the kernel's own, with the
-# split count from the batch size). Applies to pure decode batches and to the decode rows of
-# the split modes (which run unsplit unless SPLITS is given).
-DECODE_CFG_ENV = "SPINQUANT_KV4_DECODE_CFG"
-
-
-def decode_cfg_from_env() -> dict:
-    """kv4_decode_attention keyword arguments from ``$SPINQUANT_KV4_DECODE_CFG``."""
-    text = os.environ.get(DECODE_CFG_ENV, "").strip()
-    if not text:
-        return {}
-    try:
-        vals = [int(x) for x in text.split(",")]
-    except ValueError:
-        vals = []
-    if len(vals) not in (2, 3) or min(vals) < 1 or any(v & (v - 1) for v in vals):
-        raise ValueError(f"{DECODE_CFG_ENV} must be TILE_N,WARPS[,SPLITS] (powers of two), "
-                         f"got {text!r}")
-    kw = {"tile_n": vals[0], "num_warps": vals[1]}
-    if len(vals) == 3:
-        kw["num_splits"] = vals[2]
-    return kw
-
-
-# Diagnostics: a file path; the impl then times its attention calls with CUDA events (not
-# while a CUDA graph is being captured) and on the host (wall time of the Python call: Triton
-# compiling a kernel variant on first use shows up there as a stall), and rewrites that file
-# with per-path totals every 512 timed calls. Off by default (the events and the periodic
-# sync cost time).
-TIMING_ENV = "SPINQUANT_KV4_TIMING"
 
 _registered = False
 _FLASH: tuple | None = None
 
 
 def flash_varlen() -> tuple:
-    """``(varlen, name)``: the causal varlen attention the ``flash`` modes run on fresh prompts.
+    """``(varlen, name)``: the causal varlen attention fresh prompts run through on the GPU.
 
     vLLM's own FlashAttention (``vllm.vllm_flash_attn``, the version vLLM picks for this GPU:
     FA3 on Hopper; GQA without repeating K/V), as its FLASH_ATTN backend runs for a 16-bit
     cache; where it does not load, torch's ``varlen_attn``
-    (``spinquant_kernels.attention.torch_varlen_causal``)."""
+    (``spinquant_kernels.attention.torch_varlen_causal``). Resolved once per process."""
     global _FLASH
     if _FLASH is None:
         try:
             from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
             from vllm.vllm_flash_attn import flash_attn_varlen_func
             ver = get_flash_attn_version()
-        except Exception as e:  # no CUDA build of vLLM's FlashAttention here
+        # a vLLM build without its FlashAttention extension fails to import it (ImportError)
+        # or to load its CUDA library (OSError / RuntimeError)
+        except (ImportError, OSError, RuntimeError) as e:
             logger.info("vLLM FlashAttention unavailable (%s); torch varlen_attn instead", e)
             ver = None
         if ver is None:
@@ -170,70 +99,20 @@ def flash_varlen() -> tuple:
                                               softmax_scale=scale, causal=True, out=out,
                                               fa_version=ver)
             _FLASH = (fa, f"vllm_flash_attn FA{ver}")
+        logger.info("SpinQuant KV4: fresh prompts through %s", _FLASH[1])
     return _FLASH
 
 
-_TIMERS: dict = {}
-
-
-def _shared_timer(path: str) -> "_CallTimer":
-    """One timer per process and path, shared by every layer's impl."""
-    if path not in _TIMERS:
-        _TIMERS[path] = _CallTimer(path)
-    return _TIMERS[path]
-
-
-class _CallTimer:
-    """GPU time of the impl's attention calls, per path, flushed to a JSON file."""
-
-    def __init__(self, path: str, flush_every: int = 512):
-        self.path, self.flush_every = path, flush_every
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.pending: list = []
-        self.totals: dict = {}
-
-    # a host call slower than this is counted as a stall (a GPU-side attention call over a
-    # whole chunked-prefill step takes a few ms)
-    STALL_S = 0.1
-
-    def start(self):
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        return ev, time.perf_counter()
-
-    def stop(self, started, key: str, tokens: int, seqs: int) -> None:
-        if started is None:
-            return
-        ev, t0 = started
-        host_s = time.perf_counter() - t0
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        self.pending.append((key, tokens, seqs, ev, end, host_s))
-        if len(self.pending) >= self.flush_every:
-            self.flush()
-
-    def flush(self) -> None:
-        torch.cuda.synchronize()
-        for key, tokens, seqs, a, b, host_s in self.pending:
-            t = self.totals.setdefault(key, {"calls": 0, "ms": 0.0, "tokens": 0, "seqs": 0,
-                                             "host_ms": 0.0, "host_max_ms": 0.0,
-                                             "stalls": 0, "stall_ms": 0.0})
-            t["calls"] += 1
-            t["ms"] += a.elapsed_time(b)
-            t["tokens"] += tokens
-            t["seqs"] += seqs
-            t["host_ms"] += 1e3 * host_s
-            t["host_max_ms"] = max(t["host_max_ms"], 1e3 * host_s)
-            if host_s > self.STALL_S:
-                t["stalls"] += 1
-                t["stall_ms"] += 1e3 * host_s
-        self.pending.clear()
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"pid": os.getpid(), "totals": self.totals}, f, indent=1)
-        os.replace(tmp, f"{self.path}.{os.getpid()}.json")
+def fresh_prompt_varlen(device: torch.device, dtype: torch.dtype):
+    """The varlen attention ``kv4_mixed_attention_flash`` runs fresh prompts through for
+    activations of ``dtype`` on ``device``, or None where no flash kernel runs (fp32 on the
+    GPU: the Triton prefill kernel answers them). On the CPU (tests) the plain-PyTorch
+    stand-in ``varlen_causal_ref``."""
+    if device.type != "cuda":
+        return varlen_causal_ref
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return flash_varlen()[0]
 
 
 # ----------------------------------------------------------------------------
@@ -433,24 +312,12 @@ class SpinQuantKV4Impl(AttentionImpl):
             raise ValueError(f"had_size={self.had_size} must be 0 or a Hadamard order "
                              f"dividing head_size={head_size}")
         self._had: dict[torch.dtype, tuple] = {}
-        mode = os.environ.get(PREFILL_ENV, PREFILL_DEFAULT)
-        self.prefill_mode = _PREFILL_ALIASES.get(mode, mode)
-        if self.prefill_mode not in PREFILL_MODES:
-            raise ValueError(f"{PREFILL_ENV} must be one of {', '.join(PREFILL_MODES)}, "
-                             f"got {self.prefill_mode!r}")
-        self.unpack = os.environ.get(UNPACK_ENV, UNPACK_DEFAULT)
-        if self.unpack not in UNPACK_MODES:
-            raise ValueError(f"{UNPACK_ENV} must be one of {', '.join(UNPACK_MODES)}, "
-                             f"got {self.unpack!r}")
-        self.prefill_kw = {"unpack": self.unpack, **prefill_cfg_from_env()}
-        self.decode_kw = {"unpack": self.unpack, **decode_cfg_from_env()}
-        self._flash_logged = False
-        timing = os.environ.get(TIMING_ENV, "")
-        self.timer = _shared_timer(timing) if timing else None
+        # fresh-prompt attention per (device type, activation dtype), see fresh_prompt_varlen
+        self._varlen: dict[tuple[str, torch.dtype], object] = {}
 
     def _hadamard(self, dtype: torch.dtype, device: torch.device) -> tuple:
         """(halves for the write kernel, permuted matrix for the attention kernels,
-        natural-order matrix for the dense prefill)."""
+        natural-order matrix for the flash kernel's queries)."""
         dt = dot_dtype(dtype)
         h = self._had.get(dt)
         if h is None or h[1].device != device:
@@ -460,10 +327,19 @@ class SpinQuantKV4Impl(AttentionImpl):
             self._had[dt] = h
         return h
 
+    def _fresh_varlen(self, device: torch.device, dtype: torch.dtype):
+        key = (device.type, dtype)
+        if key not in self._varlen:
+            self._varlen[key] = fresh_prompt_varlen(device, dtype)
+        return self._varlen[key]
+
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
-        # Build the Hadamard operands before any CUDA-graph capture.
+        # Build the Hadamard operands before any CUDA-graph capture and pick the
+        # fresh-prompt attention at load time.
         if torch.cuda.is_available():
-            self._hadamard(act_dtype, torch.device("cuda", torch.cuda.current_device()))
+            device = torch.device("cuda", torch.cuda.current_device())
+            self._hadamard(act_dtype, device)
+            self._fresh_varlen(device, act_dtype)
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,
@@ -486,66 +362,29 @@ class SpinQuantKV4Impl(AttentionImpl):
         q = query[:n]
         out = output[:n]
         hads = self._hadamard(query.dtype, query.device)
-        seq_lens = attn_metadata.seq_lens
-        cu_q = attn_metadata.query_start_loc
-        ev = self.timer.start() if self.timer is not None and q.is_cuda else None
-        self._attend(q, kv_cache, attn_metadata, out, hads, seq_lens, cu_q)
-        if ev is not None:
-            key = "decode" if attn_metadata.max_query_len == 1 else self.prefill_mode
-            self.timer.stop(ev, key, n, seq_lens.shape[0])
-        return output
-
-    def _attend(self, q, kv_cache, attn_metadata, out, hads, seq_lens, cu_q) -> None:
-        had = hads[1]
         if attn_metadata.max_query_len == 1:
             # default splits depend on the batch size only: CUDA-graph safe
             kv4_decode_attention(
-                q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
-                out=out, had_size=self.had_size, hadamard=had, **self.decode_kw)
-        elif self.prefill_mode == "dense" and q.is_cuda:
-            kv4_mixed_attention_dense(
-                q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale, out=out,
-                had_size=self.had_size, hadamard_perm=had, hadamard_full=hads[2])
-        elif self.prefill_mode in ("flash", "flash_split") and (
-                not q.is_cuda or q.dtype in (torch.float16, torch.bfloat16)):
-            # (flash kernels take fp16/bf16: an fp32 model on the GPU takes the Triton path)
-            if q.is_cuda:
-                varlen, name = flash_varlen()
-                if not self._flash_logged:
-                    logger.info("SpinQuant KV4 %s: fresh prompts through %s", self.prefill_mode, name)
-                    self._flash_logged = True
-            else:   # CPU (tests): the plain-PyTorch stand-in
-                varlen = varlen_causal_ref
-            kv4_mixed_attention_flash(
-                q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
-                attn_metadata.max_query_len, out=out, had_size=self.had_size, hadamard_perm=had,
-                hadamard_full=hads[2], varlen=varlen,
-                split_decodes=self.prefill_mode == "flash_split", prefill_kw=self.prefill_kw,
-                decode_kw=self.decode_kw)
-        elif self.prefill_mode == "split":
-            kv4_mixed_attention(
-                q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
-                attn_metadata.max_query_len, out=out, had_size=self.had_size, hadamard=had,
-                prefill_kw=self.prefill_kw, decode_kw=self.decode_kw)
+                q, kv_cache, attn_metadata.block_table, attn_metadata.seq_lens,
+                attn_metadata.query_start_loc, self.scale, out=out, had_size=self.had_size,
+                hadamard=hads[1])
         else:
-            kv4_prefill_attention(
-                q, kv_cache, attn_metadata.block_table, seq_lens, cu_q, self.scale,
-                attn_metadata.max_query_len, out=out, had_size=self.had_size, hadamard=had,
-                **self.prefill_kw)
+            kv4_mixed_attention_flash(
+                q, kv_cache, attn_metadata.block_table, attn_metadata.seq_lens,
+                attn_metadata.query_start_loc, self.scale, attn_metadata.max_query_len, out=out,
+                had_size=self.had_size, hadamard_perm=hads[1], hadamard_full=hads[2],
+                varlen=self._fresh_varlen(q.device, q.dtype))
+        return output
 
 
 __all__ = [
     "BACKEND_CLASS_PATH",
-    "DECODE_CFG_ENV",
-    "PREFILL_CFG_ENV",
-    "TIMING_ENV",
     "KV_CACHE_DTYPE",
-    "flash_varlen",
     "SpinQuantKV4Backend",
     "SpinQuantKV4Impl",
     "SpinQuantKV4MetadataBuilder",
+    "flash_varlen",
+    "fresh_prompt_varlen",
     "get_attention_quant_method",
-    "decode_cfg_from_env",
-    "prefill_cfg_from_env",
     "register_attention_backend",
 ]

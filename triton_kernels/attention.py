@@ -5,29 +5,27 @@ Two Triton kernels, both causal with GQA, dequantizing in registers:
 * :func:`kv4_decode_attention`: one query token per sequence (the last
   position), split over the context (flash-decoding) plus a small reduce.
 * :func:`kv4_prefill_attention`: varlen queries that are the last ``q_len``
-  positions of each sequence (prefill with cached context, chunked prefill,
-  mixed batches); the new tokens' K/V must already be in the cache.
-  :func:`kv4_mixed_attention` runs both on a mixed batch (vLLM's chunked
-  prefill), each skipping the other's sequences, decided on the device.
+  positions of each sequence (a chunk with cached context); the new tokens'
+  K/V must already be in the cache.
 
-Both apply the query half of R3: the wrapper multiplies q by the +-1 matrix
-(one small GEMM, columns ordered even-then-odd) and the kernel folds ``1 /
-sqrt(n)`` into the softmax scale; the keys were rotated by the same Hadamard
-when written, so ``q k^T`` is unchanged. The cache holds codes ``c`` with ``k =
-s * (c - z)``; the kernels feed ``c - z`` (an integer in [-15, 15], exact in
-bf16) to the tensor cores and apply ``s`` per key column to the scores (K) or
-to the probabilities (V). Packed bytes hold even and odd elements, so Q and the
-output are handled as even/odd halves (two products each) instead of
-interleaving nibbles.
+:func:`kv4_mixed_attention_flash` answers a batch with prefill rows (vLLM's
+chunked prefill): sequences with no cached context through a varlen flash
+kernel over their K/V read back from the cache (vLLM's FlashAttention in the
+plugin), one-row sequences through the decode kernel, chunks with cached
+context through the prefill kernel, each skipping the others' sequences on the
+device. Pure decode batches go to :func:`kv4_decode_attention` alone.
 
-:func:`kv4_mixed_attention_flash` (the plugin's default) sends sequences with
-no cached context to a varlen flash kernel over their K/V read back from the
-cache, and the rest of the batch to the two Triton kernels.
-
-:func:`kv4_prefill_attention_dense` is the alternative prefill path: dequantize
-each sequence once (``kv_cache.kv4_cache_dequant``) and run varlen flash
-attention on bf16; :func:`kv4_mixed_attention_dense` sends a mixed batch's
-prefills there and its decodes to the decode kernel.
+Both kernels apply the query half of R3: the wrapper multiplies q by the +-1
+matrix (one small GEMM, columns ordered even-then-odd) and the kernel folds
+``1 / sqrt(n)`` into the softmax scale; the keys were rotated by the same
+Hadamard when written, so ``q k^T`` is unchanged. The cache holds codes ``c``
+with ``k = s * (c - z)``. The kernels feed ``c - qmin + 128`` to the tensor
+cores as bf16 bit patterns (the code OR-ed into the mantissa of bf16 128.0:
+exact, no int -> float conversion), remove ``z - qmin + 128`` with one
+correction per score (K) and per output row (V), and apply ``s`` per key column
+to the scores (K) or to the probabilities (V). Packed bytes hold even and odd
+elements, so Q and the output are handled as even/odd halves (two products
+each) instead of interleaving nibbles.
 
 ``_ref`` twins (same signatures) dequantize the cache with
 ``kv_cache.kv4_cache_gather_ref`` and run ``scaled_dot_product_attention`` in
@@ -36,23 +34,26 @@ float32.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import kv_cache as _kv
+from . import format as fmt
+from ._common import DEFAULT_SMS, sm_count
 from .hadamard import hadamard_transform_ref
 from .kv_cache import (
+    _CODE_BITS,
+    _CODE_MASK,
+    _SCALE_MASK,
+    _SIGN_FLIP,
     _resolve_had_size,
     _words,
     check_kv4_cache,
     dot_dtype,
     had_norm,
-    hadamard_full,
-    hadamard_perm,
+    hadamard_full as _hadamard_full,
+    hadamard_perm as _hadamard_perm,
     kv4_cache_dequant,
     kv4_cache_gather_ref,
 )
@@ -60,7 +61,21 @@ from .kv_cache import (
 _LOG2E = 1.4426950408889634
 # Running max start: finite so that fully masked rows give exp2(-inf) = 0 and
 # never exp2(-inf - -inf) = nan.
-_NEG_BIG = -1.0e30
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+# The code unpacking: bf16 128.0 has exponent 2**7 and 7 free mantissa bits, so its bit
+# pattern OR-ed with u in [0, 127] is the bf16 value 128 + u, exactly. With u = c - qmin
+# (the sign-flipped code, kv_cache._SIGN_FLIP) a code c becomes 128 - qmin + c
+# (136 + c for 4 bits) in one integer op.
+_MAGIC_BASE = 128
+if (1 << fmt.KV_BITS) > _MAGIC_BASE:
+    raise ValueError(f"the bf16 code unpacking needs 2**KV_BITS <= {_MAGIC_BASE} codes, "
+                     f"got KV_BITS={fmt.KV_BITS}")
+_MAGIC_BITS = tl.constexpr(
+    int(torch.tensor(float(_MAGIC_BASE), dtype=torch.bfloat16).view(torch.int16))
+    | -fmt.qmin(fmt.KV_BITS))
+# what the products carry on top of c - z: the offset 128 - qmin applies to codes and zero alike
+_MAGIC_OFFSET = tl.constexpr(_MAGIC_BASE)
 
 
 # ----------------------------------------------------------------------------
@@ -114,26 +129,11 @@ def _rotated_query(q: torch.Tensor, had_size: int | None, hadamard: torch.Tensor
     """
     D = q.shape[2]
     dt = dot_dtype(q.dtype)
-    hp = hadamard if hadamard is not None else hadamard_perm(D, had_size, dt, q.device)
+    hp = hadamard if hadamard is not None else _hadamard_perm(D, had_size, dt, q.device)
     if hp.dtype != dt or hp.shape != (D, D):
         raise ValueError(f"hadamard must be the ({D}, {D}) {dt} matrix of "
                          f"kv_cache.hadamard_perm, got {tuple(hp.shape)} {hp.dtype}")
     return torch.matmul(q.to(dt), hp), dt
-
-
-# how the kernels turn 4-bit codes into tensor-core operands (UNPACK constant of each name)
-UNPACK_MODES = {"sub": 0, "fold": 1, "magic": 2}
-
-
-def _unpack_mode(fold_zero: bool, unpack: str | None) -> int:
-    """The kernels' UNPACK constant from the public ``fold_zero`` / ``unpack`` arguments."""
-    if unpack is None:
-        return 1 if fold_zero else 0
-    if unpack not in UNPACK_MODES:
-        raise ValueError(f"unpack must be one of {sorted(UNPACK_MODES)} (or None), got {unpack!r}")
-    if fold_zero and unpack != "fold":
-        raise ValueError(f"fold_zero=True asks for unpack='fold', got unpack={unpack!r}")
-    return UNPACK_MODES[unpack]
 
 
 # ----------------------------------------------------------------------------
@@ -169,16 +169,12 @@ def _tile_rows(bt_row_ptr, kpos, kmask, head, block_size,
 @triton.jit
 def _load_codes(cache_ptr, word_ptr, rb, rw, kmask, PART: tl.constexpr,
                 HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, DT: tl.constexpr,
-                UNPACK: tl.constexpr, MASKED: tl.constexpr):
+                MASKED: tl.constexpr):
     """Even/odd code halves ``(TILE_N, HALF_PAD)`` in DT, scales, and the offset to remove.
 
-    UNPACK 0 (``sub``): the halves hold ``c - z`` (zero point applied per
-    element; offset unused). 1 (``fold``): they hold ``c + 8`` in [0, 15],
-    converted int -> float; the caller removes ``z + 8`` with one correction
-    per score / per output row. 2 (``magic``): they hold ``128 + c + 8``,
-    built by OR-ing the nibble into the mantissa of bf16 128.0 (exact: bf16
-    steps by 1 in [128, 256)), so no int -> float conversion at all; the
-    offset is ``136 + z``.
+    The halves hold ``128 - qmin + c`` (bf16 bit patterns converted to DT, exact
+    in every float dtype); the offset ``128 - qmin + z`` per key is removed by
+    the caller with one correction per score / per output row.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     j = tl.arange(0, HALF_PAD)
@@ -195,23 +191,12 @@ def _load_codes(cache_ptr, word_ptr, rb, rw, kmask, PART: tl.constexpr,
         w = tl.load(word_ptr + rw + HEAD_DIM // 4 + PART, mask=kmask, other=0)
     else:
         w = tl.load(word_ptr + rw + HEAD_DIM // 4 + PART)
-    scale = (w & -16).to(tl.float32, bitcast=True)
-    zp8 = (w & 15) ^ 8
-    # a centred nibble c stored as 4-bit two's complement n: c + 8 = n ^ 8
-    if UNPACK == 2:
-        # 0x4300 is bf16 128.0; its low 7 mantissa bits are free for the nibble
-        ce = ((p & 15) ^ 0x4308).to(tl.int16).to(tl.bfloat16, bitcast=True).to(DT)
-        co = (((p >> 4) & 15) ^ 0x4308).to(tl.int16).to(tl.bfloat16, bitcast=True).to(DT)
-        zo = (zp8 + 128).to(tl.float32)
-    elif UNPACK == 1:
-        pb = p ^ 0x88
-        ce = (pb & 15).to(tl.float32).to(DT)
-        co = (pb >> 4).to(tl.float32).to(DT)
-        zo = zp8.to(tl.float32)
-    else:
-        ce = (((p & 15) ^ 8) - zp8[:, None]).to(tl.float32).to(DT)
-        co = ((((p >> 4) & 15) ^ 8) - zp8[:, None]).to(tl.float32).to(DT)
-        zo = zp8.to(tl.float32)
+    scale = (w & _SCALE_MASK).to(tl.float32, bitcast=True)
+    # nibble n (two's complement of c) ^ _MAGIC_BITS = bf16 bits of 128 + (c - qmin)
+    ce = ((p & _CODE_MASK) ^ _MAGIC_BITS).to(tl.int16).to(tl.bfloat16, bitcast=True).to(DT)
+    co = (((p >> _CODE_BITS) & _CODE_MASK) ^ _MAGIC_BITS).to(tl.int16).to(
+        tl.bfloat16, bitcast=True).to(DT)
+    zo = (((w & _CODE_MASK) ^ _SIGN_FLIP) + _MAGIC_OFFSET).to(tl.float32)
     return ce, co, scale, zo
 
 
@@ -220,10 +205,11 @@ def _attend_tile(qe, qo, qsum, m_i, l_i, acc_e, acc_o, valid,
                  cache_ptr, word_ptr, bt_row_ptr, kpos, kmask, head, block_size,
                  stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
                  HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, DT: tl.constexpr,
-                 DOT_IEEE: tl.constexpr, UNPACK: tl.constexpr, MASKED: tl.constexpr):
+                 DOT_IEEE: tl.constexpr, MASKED: tl.constexpr):
     """One online-softmax step (base 2) over a tile of keys; ``valid (R, TILE_N)``.
 
-    ``qsum (R,)``: row sums of the rotated query in DT precision (UNPACK 1 and 2).
+    ``qsum (R,)``: row sums of the rotated query in DT precision (removes the
+    codes' offset from the scores).
     MASKED False: every key of the tile exists and every row may see it (``valid``
     and ``kmask`` are not read; the causal interior of a prefill block).
     """
@@ -231,15 +217,14 @@ def _attend_tile(qe, qo, qsum, m_i, l_i, acc_e, acc_o, valid,
                         stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
                         MASKED)
     ke, ko, ks, kz = _load_codes(cache_ptr, word_ptr, rb, rw, kmask, 0, HEAD_DIM, HALF_PAD, DT,
-                                 UNPACK, MASKED)
+                                 MASKED)
     if DOT_IEEE:
         s = tl.dot(qe, tl.trans(ke), input_precision="ieee")
         s = tl.dot(qo, tl.trans(ko), s, input_precision="ieee")
     else:
         s = tl.dot(qe, tl.trans(ke))
         s = tl.dot(qo, tl.trans(ko), s)
-    if UNPACK != 0:
-        s = s - qsum[:, None] * kz[None, :]
+    s = s - qsum[:, None] * kz[None, :]
     if MASKED:
         s = tl.where(valid, s * ks[None, :], float("-inf"))
     else:
@@ -249,7 +234,7 @@ def _attend_tile(qe, qo, qsum, m_i, l_i, acc_e, acc_o, valid,
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     ve, vo, vs, vz = _load_codes(cache_ptr, word_ptr, rb, rw, kmask, 1, HEAD_DIM, HALF_PAD,
-                                 DT, UNPACK, MASKED)
+                                 DT, MASKED)
     pv = (p * vs[None, :]).to(DT)
     if DOT_IEEE:
         acc_e = tl.dot(pv, ve, acc_e * alpha[:, None], input_precision="ieee")
@@ -257,11 +242,10 @@ def _attend_tile(qe, qo, qsum, m_i, l_i, acc_e, acc_o, valid,
     else:
         acc_e = tl.dot(pv, ve, acc_e * alpha[:, None])
         acc_o = tl.dot(pv, vo, acc_o * alpha[:, None])
-    if UNPACK != 0:
-        # the same rounded weights the product used, so the correction cancels exactly
-        corr = tl.sum(pv.to(tl.float32) * vz[None, :], axis=1)
-        acc_e = acc_e - corr[:, None]
-        acc_o = acc_o - corr[:, None]
+    # the same rounded weights the product used, so the correction cancels exactly
+    corr = tl.sum(pv.to(tl.float32) * vz[None, :], axis=1)
+    acc_e = acc_e - corr[:, None]
+    acc_o = acc_o - corr[:, None]
     return m_new, l_i, acc_e, acc_o
 
 
@@ -282,8 +266,7 @@ def _kv4_decode_kernel(
     NUM_HEADS: tl.constexpr, QPK: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
-    DT: tl.constexpr, DOT_IEEE: tl.constexpr, UNPACK: tl.constexpr,
-    SINGLE_ONLY: tl.constexpr,
+    DT: tl.constexpr, DOT_IEEE: tl.constexpr, SINGLE_ONLY: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -293,7 +276,7 @@ def _kv4_decode_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     if q_len == 0:  # padding entry of a CUDA-graph batch
         return
-    if SINGLE_ONLY:  # a mixed batch: sequences with several query rows go to the prefill kernel
+    if SINGLE_ONLY:  # a mixed batch: the other sequences go to the prefill / flash kernels
         if q_len != 1:
             return
 
@@ -311,7 +294,7 @@ def _kv4_decode_kernel(
         if start >= end:
             # empty split: l = 0 tells the reduce to ignore its (unwritten) acc
             pidx = (seq.to(tl.int64) * NUM_HEADS + heads) * NUM_SPLITS + split
-            tl.store(part_ml_ptr + pidx * 2, tl.full([ROWS], -1.0e30, tl.float32), mask=row_ok)
+            tl.store(part_ml_ptr + pidx * 2, tl.full([ROWS], _NEG_BIG, tl.float32), mask=row_ok)
             tl.store(part_ml_ptr + pidx * 2 + 1, tl.zeros([ROWS], tl.float32), mask=row_ok)
             return
 
@@ -320,7 +303,7 @@ def _kv4_decode_kernel(
     qe, qo = _load_query(q_base, row_ok, q_mul, HEAD_DIM, HALF_PAD, DT)
     qsum = tl.sum(qe.to(tl.float32), axis=1) + tl.sum(qo.to(tl.float32), axis=1)
 
-    m_i = tl.full([ROWS], -1.0e30, tl.float32)
+    m_i = tl.full([ROWS], _NEG_BIG, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc_e = tl.zeros([ROWS, HALF_PAD], tl.float32)
     acc_o = tl.zeros([ROWS, HALF_PAD], tl.float32)
@@ -333,7 +316,7 @@ def _kv4_decode_kernel(
             qe, qo, qsum, m_i, l_i, acc_e, acc_o, row_ok[:, None] & kmask[None, :],
             cache_ptr, word_ptr, bt_row, kpos, kmask, kvh, block_size,
             stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
-            HEAD_DIM, HALF_PAD, DT, DOT_IEEE, UNPACK, True)
+            HEAD_DIM, HALF_PAD, DT, DOT_IEEE, True)
 
     # ---- write: final output (one split) or partials -------------------------
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -379,7 +362,7 @@ def _kv4_decode_reduce_kernel(
     m = tl.load(part_ml_ptr + pidx * 2)
     l = tl.load(part_ml_ptr + pidx * 2 + 1)
     live = l > 0.0
-    m_all = tl.max(tl.where(live, m, -1.0e30), axis=0)
+    m_all = tl.max(tl.where(live, m, _NEG_BIG), axis=0)
     w = tl.where(live, tl.exp2(m - m_all), 0.0)
     denom = tl.sum(w * l, axis=0)
     inv = tl.where(denom > 0.0, 1.0 / tl.where(denom > 0.0, denom, 1.0), 0.0)
@@ -392,19 +375,7 @@ def _kv4_decode_reduce_kernel(
     tl.store(o_base + 2 * j + 1, oo.to(out_ptr.dtype.element_ty), mask=jm)
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (132 on an H100 SXM; 132 assumed off-GPU)."""
-    if device.type != "cuda":
-        return 132
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def default_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int = 132) -> int:
+def default_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int = DEFAULT_SMS) -> int:
     """Context splits for decode: ~8 programs per SM, a power of two in [1, 32].
 
     Depends only on the batch shape (not on sequence lengths), so a CUDA graph
@@ -424,7 +395,6 @@ def kv4_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
                          had_size: int | None = None,
                          hadamard: torch.Tensor | None = None,
                          tile_n: int = 128, min_split: int = 256, num_warps: int = 4,
-                         fold_zero: bool = False, unpack: str | None = None,
                          single_rows_only: bool = False, q_rotated: bool = False) -> torch.Tensor:
     """Decode attention (one query per sequence) over the 4-bit paged cache.
 
@@ -439,23 +409,20 @@ def kv4_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     Returns ``out (num_tokens, num_heads, head_dim)`` in q's dtype (rows of
     padding entries are left untouched). ``num_splits`` (power of two, default
     :func:`default_num_splits`) splits the context, each split covering at
-    least ``min_split`` tokens; ``tile_n`` keys per inner step; ``fold_zero``
-    moves the zero point out of the per-element unpack (one correction per
-    score and per output row instead; same result up to float rounding);
-    ``unpack`` names the code unpacking instead (``sub``, ``fold`` or
-    ``magic``, see :func:`kv4_prefill_attention`). ``single_rows_only``: the
-    batch may hold sequences with several query rows (a mixed batch); they are
-    skipped (rows untouched), the others answered (:func:`kv4_mixed_attention`).
+    least ``min_split`` tokens; ``tile_n`` keys per inner step and
+    ``num_warps`` are tile overrides for benchmarks (the plugin passes none).
+    ``single_rows_only``: the batch may hold sequences with several query rows
+    (a mixed batch); they are skipped (rows untouched), the others answered
+    (:func:`kv4_mixed_attention_flash`).
     ``q_rotated``: q is already ``q @ hadamard`` in the dot dtype (``hadamard`` unused).
     Equivalent to :func:`kv4_decode_attention_ref`.
     """
-    mode = _unpack_mode(fold_zero, unpack)
     out, num_kv_heads, T, Hq, D, S = _check_varlen(q, kv_cache, block_table, seq_lens, cu_seqlens_q, out)
     if S == 0:
         return out
     qr, dt = (q, q.dtype) if q_rotated else _rotated_query(q, had_size, hadamard)
     qpk = Hq // num_kv_heads
-    splits = (default_num_splits(S, num_kv_heads, num_sms(q.device)) if num_splits is None
+    splits = (default_num_splits(S, num_kv_heads, sm_count(q.device)) if num_splits is None
               else int(num_splits))
     if splits < 1 or splits & (splits - 1):
         raise ValueError(f"num_splits must be a power of two >= 1, got {splits}")
@@ -479,7 +446,7 @@ def kv4_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
         NUM_HEADS=Hq, QPK=qpk, ROWS=max(16, triton.next_power_of_2(qpk)),
         HEAD_DIM=D, HALF_PAD=half_pad,
         TILE_N=tile_n, NUM_SPLITS=splits, MIN_SPLIT=max(1, int(min_split)), DT=tl_dt,
-        DOT_IEEE=dt == torch.float32, UNPACK=mode, SINGLE_ONLY=bool(single_rows_only),
+        DOT_IEEE=dt == torch.float32, SINGLE_ONLY=bool(single_rows_only),
         num_warps=num_warps,
     )
     if splits > 1:
@@ -506,8 +473,8 @@ def _kv4_prefill_kernel(
     # meta-parameters
     QPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
-    TILE_N: tl.constexpr, DT: tl.constexpr, DOT_IEEE: tl.constexpr, UNPACK: tl.constexpr,
-    HEAVY_FIRST: tl.constexpr, SKIP_SINGLE: tl.constexpr, SKIP_FRESH: tl.constexpr,
+    TILE_N: tl.constexpr, DT: tl.constexpr, DOT_IEEE: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr, SKIP_FRESH: tl.constexpr,
 ):
     seq = tl.program_id(0)
     qid = tl.program_id(1)
@@ -517,15 +484,12 @@ def _kv4_prefill_kernel(
     n_qblk = tl.cdiv(q_len, BLOCK_Q)
     if qid >= n_qblk:
         return
-    if SKIP_SINGLE:  # one query row: left to the decode kernel (kv4_mixed_attention)
+    if SKIP_SINGLE:  # one query row: left to the decode kernel (kv4_mixed_attention_flash)
         if q_len == 1:
             return
     # programs start in grid order: give the first ones the last (longest, causal) blocks so
     # the short ones fill the tail of the launch
-    if HEAVY_FIRST:
-        qblk = n_qblk - 1 - qid
-    else:
-        qblk = qid
+    qblk = n_qblk - 1 - qid
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_len = seq_len - q_len
     if SKIP_FRESH:  # no cached context: left to flash attention (kv4_mixed_attention_flash)
@@ -542,7 +506,7 @@ def _kv4_prefill_kernel(
     qsum = tl.sum(qe.to(tl.float32), axis=1) + tl.sum(qo.to(tl.float32), axis=1)
     q_pos = ctx_len + tok
 
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_e = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
     acc_o = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
@@ -558,7 +522,7 @@ def _kv4_prefill_kernel(
             qe, qo, qsum, m_i, l_i, acc_e, acc_o, row_ok[:, None],
             cache_ptr, word_ptr, bt_row, kpos, kpos < kv_end, kvh, block_size,
             stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
-            HEAD_DIM, HALF_PAD, DT, DOT_IEEE, UNPACK, False)
+            HEAD_DIM, HALF_PAD, DT, DOT_IEEE, False)
     for t0 in range(full_end, kv_end, TILE_N):
         kpos = t0 + n
         kmask = kpos < kv_end
@@ -567,7 +531,7 @@ def _kv4_prefill_kernel(
             qe, qo, qsum, m_i, l_i, acc_e, acc_o, valid,
             cache_ptr, word_ptr, bt_row, kpos, kmask, kvh, block_size,
             stride_cb, stride_ch, stride_cs, stride_wb, stride_wh, stride_ws,
-            HEAD_DIM, HALF_PAD, DT, DOT_IEEE, UNPACK, True)
+            HEAD_DIM, HALF_PAD, DT, DOT_IEEE, True)
 
     HALF: tl.constexpr = HEAD_DIM // 2
     j = tl.arange(0, HALF_PAD)
@@ -585,32 +549,25 @@ def kv4_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
                           had_size: int | None = None,
                           hadamard: torch.Tensor | None = None,
                           block_m: int = 128, tile_n: int = 32, num_warps: int = 4,
-                          fold_zero: bool = False, num_stages: int | None = None,
-                          unpack: str | None = None, heavy_first: bool = True,
-                          skip_single_rows: bool = False, q_rotated: bool = False,
-                          skip_fresh: bool = False) -> torch.Tensor:
+                          num_stages: int | None = None, skip_single_rows: bool = False,
+                          skip_fresh: bool = False, q_rotated: bool = False) -> torch.Tensor:
     """Causal varlen attention for queries that end each sequence (context in the cache).
 
     ``q (num_tokens, num_heads, head_dim)`` NOT rotated; sequence ``i`` owns
     query rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` which are its last
     ``q_len`` positions out of ``seq_lens[i]`` (their K/V already written to
     ``kv_cache``). ``max_query_len`` (host int) sizes the grid. Other
-    arguments as :func:`kv4_decode_attention`; ``block_m`` rows (query tokens x
-    the heads of one KV group) per program, ``tile_n`` keys per step,
-    ``num_stages`` Triton's software-pipelining depth (None: Triton's default).
-    ``unpack``: how codes become tensor-core operands: ``sub`` (``c - z`` per
-    element, the default), ``fold`` (``c + 8``, zero point removed once per
-    score / output row; what ``fold_zero=True`` means) or ``magic`` (``136 + c``
-    as bf16 bit patterns, no int -> float conversion; same result up to float
-    rounding). ``heavy_first`` launches each sequence's longest causal blocks
-    first (same result; a scheduling choice). ``skip_single_rows`` leaves the
-    rows of one-row sequences untouched (:func:`kv4_mixed_attention` gives them
-    to the decode kernel); ``skip_fresh`` leaves the rows of sequences with no
-    cached context untouched (:func:`kv4_mixed_attention_flash` gives them to
-    flash attention); ``q_rotated`` as :func:`kv4_decode_attention`.
+    arguments as :func:`kv4_decode_attention`. Tile overrides for benchmarks
+    (the plugin passes none): ``block_m`` rows (query tokens x the heads of one
+    KV group) per program, ``tile_n`` keys per step, ``num_warps``,
+    ``num_stages`` (Triton's software-pipelining depth; None: Triton's
+    default). Each sequence's longest causal blocks are launched first, so the
+    short ones fill the tail of the grid. ``skip_single_rows`` leaves the rows
+    of one-row sequences untouched and ``skip_fresh`` those of sequences with no
+    cached context (:func:`kv4_mixed_attention_flash` gives them to the decode
+    and flash kernels); ``q_rotated`` as :func:`kv4_decode_attention`.
     Equivalent to :func:`kv4_prefill_attention_ref`.
     """
-    mode = _unpack_mode(fold_zero, unpack)
     out, num_kv_heads, T, Hq, D, S = _check_varlen(q, kv_cache, block_table, seq_lens, cu_seqlens_q, out)
     if S == 0 or max_query_len <= 0:
         return out
@@ -633,48 +590,16 @@ def kv4_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
         words.stride(0), words.stride(1), words.stride(2),
         QPK=qpk, BLOCK_M=block_m, BLOCK_Q=block_q,
         HEAD_DIM=D, HALF_PAD=triton.next_power_of_2(D // 2),
-        TILE_N=tile_n, DT=tl_dt, DOT_IEEE=dt == torch.float32, UNPACK=mode,
-        HEAVY_FIRST=bool(heavy_first), SKIP_SINGLE=bool(skip_single_rows),
-        SKIP_FRESH=bool(skip_fresh), num_warps=num_warps,
+        TILE_N=tile_n, DT=tl_dt, DOT_IEEE=dt == torch.float32,
+        SKIP_SINGLE=bool(skip_single_rows), SKIP_FRESH=bool(skip_fresh), num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": int(num_stages)}),
     )
     return out
 
 
-def kv4_mixed_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                        seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, sm_scale: float,
-                        max_query_len: int, out: torch.Tensor | None = None,
-                        had_size: int | None = None, hadamard: torch.Tensor | None = None,
-                        prefill_kw: dict | None = None, decode_kw: dict | None = None
-                        ) -> torch.Tensor:
-    """A batch of decodes and prefills (vLLM's chunked prefill), without a host sync.
-
-    Both kernels are launched over the whole batch: the decode kernel answers
-    the sequences with one query row and skips the others; the prefill kernel
-    answers the others and skips
-    the one-row sequences, which in a prefill program would fill 1 query token
-    of a ``block_m``-row tile and walk the whole context alone. Which sequence
-    is which is decided on the device. Arguments as
-    :func:`kv4_prefill_attention`; ``prefill_kw`` / ``decode_kw`` go to the two
-    kernels. The decode part runs unsplit (``num_splits=1``) unless
-    ``decode_kw`` says otherwise: next to a prefill there is parallelism to
-    spare, and a split count that followed the batch size would make Triton
-    compile one decode-kernel variant per count while serving (vLLM's warm-up
-    captures pure decode batches only).
-    Equivalent to :func:`kv4_prefill_attention_ref`.
-    """
-    out, *_ = _check_varlen(q, kv_cache, block_table, seq_lens, cu_seqlens_q, out)
-    qr, _ = _rotated_query(q, had_size, hadamard)   # once for both kernels
-    kv4_decode_attention(qr, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale, out=out,
-                         had_size=had_size, single_rows_only=True, q_rotated=True,
-                         **{"num_splits": 1, **(decode_kw or {})})
-    if max_query_len > 1:
-        kv4_prefill_attention(qr, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
-                              max_query_len, out=out, had_size=had_size, skip_single_rows=True,
-                              q_rotated=True, **(prefill_kw or {}))
-    return out
-
-
+# ----------------------------------------------------------------------------
+# batches with prefill rows
+# ----------------------------------------------------------------------------
 def varlen_causal_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                       max_seqlen: int, scale: float, out: torch.Tensor) -> torch.Tensor:
     """Causal self-attention of varlen sequences (rows ``cu_seqlens[i]:cu_seqlens[i+1]`` of q, k
@@ -713,10 +638,9 @@ def kv4_mixed_attention_flash(q: torch.Tensor, kv_cache: torch.Tensor, block_tab
                               had_size: int | None = None,
                               hadamard_perm: torch.Tensor | None = None,
                               hadamard_full: torch.Tensor | None = None,
-                              varlen=None, split_decodes: bool = False,
-                              prefill_kw: dict | None = None, decode_kw: dict | None = None
-                              ) -> torch.Tensor:
-    """A chunked-prefill batch whose fresh prompts run through bf16 flash attention.
+                              varlen=None, prefill_kw: dict | None = None,
+                              decode_kw: dict | None = None) -> torch.Tensor:
+    """A batch with prefill rows (vLLM's chunked prefill), without a host sync.
 
     A sequence with no cached context (``seq_lens[i]`` equal to its query
     rows: a new prompt, or the first chunk of one) attends only to the K/V this
@@ -725,163 +649,46 @@ def kv4_mixed_attention_flash(q: torch.Tensor, kv_cache: torch.Tensor, block_tab
     lengths as lengths: for a fresh sequence exactly its tokens, the same values
     the Triton kernels dequantize in registers) and ``varlen(q, k, v, cu, max_q,
     scale, out)`` runs causal varlen attention over them, GQA by head groups
-    (the plugin passes vLLM's FlashAttention, FA3 on Hopper; default
+    (the plugin passes vLLM's FlashAttention, FA3 on Hopper, or
     :func:`torch_varlen_causal`; :func:`varlen_causal_ref` on CPU). It writes
-    every row; the rows of the other sequences are then overwritten: those with
-    cached context by the Triton prefill kernel, and with ``split_decodes``
-    the one-row sequences by the decode kernel (unsplit) instead. No host sync:
-    which sequence is fresh is decided on the device. ``hadamard_perm`` /
-    ``hadamard_full`` as in :func:`kv4_mixed_attention_dense`; other arguments
-    as :func:`kv4_mixed_attention`. Equivalent to :func:`kv4_prefill_attention_ref`.
+    every row; then the decode kernel (unsplit unless ``decode_kw`` says
+    otherwise) answers the one-row sequences and the Triton prefill kernel the
+    chunks with cached context, each skipping the others on the device.
+    ``varlen=None`` (where no flash kernel runs: fp32 activations on the GPU)
+    leaves the fresh sequences to the prefill kernel too.
+
+    The decode part runs unsplit by default: next to a prefill there is
+    parallelism to spare, and a split count that followed the batch size would
+    make Triton compile one decode-kernel variant per count while serving
+    (vLLM's warm-up captures pure decode batches only). ``hadamard_perm``:
+    precomputed ``kv_cache.hadamard_perm`` in the dot dtype (for the Triton
+    kernels); ``hadamard_full``: ``kv_cache.hadamard_full`` in q's dtype (the
+    flash kernel's query rotation); ``prefill_kw`` / ``decode_kw``: tile
+    overrides of the two kernels (benchmarks, tests). Other arguments as
+    :func:`kv4_prefill_attention`. Equivalent to
+    :func:`kv4_mixed_attention_flash_ref`.
     """
     out, _, T, Hq, D, S = _check_varlen(q, kv_cache, block_table, seq_lens, cu_seqlens_q, out)
     if S == 0 or max_query_len <= 0:
         return out
-    varlen = torch_varlen_causal if varlen is None else varlen
-    cu = cu_seqlens_q[:S + 1]
-    q_lens = cu[1:] - cu[:-1]
-    k, v = kv4_cache_dequant(kv_cache, block_table, q_lens, cu, D, int(max_query_len), T, q.dtype,
-                             zero_fill=False)
-    hf = hadamard_full if hadamard_full is not None else _kv.hadamard_full(D, had_size, q.dtype,
-                                                                           q.device)
-    varlen(torch.matmul(q, hf.to(q.dtype)), k, v, cu.to(torch.int32), int(max_query_len),
-           sm_scale / had_norm(D, had_size), out)
-    qr, _ = _rotated_query(q, had_size, hadamard_perm)
-    if split_decodes:
-        kv4_decode_attention(qr, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale, out=out,
-                             had_size=had_size, single_rows_only=True, q_rotated=True,
-                             **{"num_splits": 1, **(decode_kw or {})})
-    kv4_prefill_attention(qr, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
-                          max_query_len, out=out, had_size=had_size, q_rotated=True,
-                          skip_fresh=True, skip_single_rows=split_decodes, **(prefill_kw or {}))
-    return out
-
-
-def kv4_prefill_attention_dense(q: torch.Tensor, kv_cache: torch.Tensor,
-                                block_table: torch.Tensor, seq_lens: torch.Tensor,
-                                cu_seqlens_q: torch.Tensor, sm_scale: float, max_query_len: int,
-                                max_seq_len: int, total_kv_tokens: int | None = None,
-                                out: torch.Tensor | None = None, had_size: int | None = None,
-                                hadamard: torch.Tensor | None = None) -> torch.Tensor:
-    """Prefill through dense flash attention: dequantize each sequence once, then varlen flash.
-
-    Same contract as :func:`kv4_prefill_attention` (``hadamard`` here is
-    ``kv_cache.hadamard_full``) plus ``max_seq_len`` (host int) and
-    ``total_kv_tokens`` (host int, ``seq_lens.sum()``; computed with a device
-    sync when None). K/V of every sequence are dequantized to q's dtype by
-    :func:`kv_cache.kv4_cache_dequant` (once per token instead of once per query
-    block), then ``torch.nn.attention.varlen.varlen_attn`` runs causal
-    attention with the mask aligned to the last key (bottom-right, as
-    FlashAttention does for ``q_len < k_len``). CUDA with fp16/bf16 only. Meant
-    for batches of prefills: every sequence's whole context is dequantized.
-    Equivalent to :func:`kv4_prefill_attention_ref`.
-    """
-    from torch.nn.attention.varlen import varlen_attn
-
-    _check_common(q, kv_cache, block_table, seq_lens, kv_cache.shape[1])
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"kv4_prefill_attention_dense needs fp16/bf16 on CUDA, got {q.dtype} "
-                         f"on {q.device.type}")
-    return _prefill_dense(q, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
-                          max_query_len, max_seq_len, total_kv_tokens, out, had_size, hadamard,
-                          varlen_attn)
-
-
-def _prefill_dense(q, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale, max_query_len,
-                   max_seq_len, total_kv_tokens, out, had_size, hadamard, varlen_attn):
-    """Body of :func:`kv4_prefill_attention_dense` after its checks, with the
-    varlen attention passed in (the CPU tests run it with a plain-PyTorch stand-in)."""
-    num_kv_heads = kv_cache.shape[1]
-    T, Hq, D = q.shape
-    S = seq_lens.shape[0]
-    if out is None:
-        out = torch.empty_like(q)
-    if S == 0 or max_query_len <= 0:
-        return out
-    cu_k = torch.zeros(S + 1, dtype=torch.int32, device=q.device)
-    torch.cumsum(seq_lens, 0, out=cu_k[1:])
-    total = int(cu_k[-1]) if total_kv_tokens is None else int(total_kv_tokens)
-    k, v = kv4_cache_dequant(kv_cache, block_table, seq_lens, cu_k, D, max_seq_len, total, q.dtype)
-    h = hadamard if hadamard is not None else hadamard_full(D, had_size, q.dtype, q.device)
-    qr = torch.matmul(q, h)
-    qpk = Hq // num_kv_heads
-    if qpk > 1:
-        k = k.repeat_interleave(qpk, dim=1)
-        v = v.repeat_interleave(qpk, dim=1)
-    o = varlen_attn(qr, k, v, cu_seqlens_q.to(torch.int32), cu_k, int(max_query_len),
-                    int(max_seq_len), scale=sm_scale / had_norm(D, had_size), window_size=(-1, 0))
-    out.copy_(o)
-    return out
-
-
-def kv4_mixed_attention_dense(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                              seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, sm_scale: float,
-                              out: torch.Tensor | None = None, had_size: int | None = None,
-                              hadamard_perm: torch.Tensor | None = None,
-                              hadamard_full: torch.Tensor | None = None) -> torch.Tensor:
-    """A batch with prefill rows: prefills through the dense path, decodes through the decode kernel.
-
-    Sequences with more than one query row go to :func:`kv4_prefill_attention_dense`
-    (their whole context dequantized once); sequences with exactly one (the
-    decodes of a mixed batch) go to :func:`kv4_decode_attention`, so no decode
-    sequence's context is dequantized. Without this split a mixed batch of a
-    few prefills and hundreds of running decodes dequantized every decode's
-    context each step (``Hq / Hkv`` times over after the GQA repeat): ~15 GB
-    for 200 decodes at 4.6k tokens on Llama-3-8B shapes. Reads the query and context lengths on the host (one
-    sync): for eager prefill batches, not for CUDA-graph capture. Same
-    arguments as :func:`kv4_prefill_attention`, with both Hadamard operands
-    (``kv_cache.hadamard_perm`` for decode, ``kv_cache.hadamard_full`` for the
-    dense path). Equivalent to :func:`kv4_prefill_attention_ref`.
-    """
-    _check_common(q, kv_cache, block_table, seq_lens, kv_cache.shape[1])
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"kv4_mixed_attention_dense needs fp16/bf16 on CUDA, got {q.dtype} "
-                         f"on {q.device.type}")
-    from torch.nn.attention.varlen import varlen_attn
-
-    def dense(qs, bt, sl, cu, max_q, max_k, total):
-        return _prefill_dense(qs, kv_cache, bt, sl, cu, sm_scale, max_q, max_k, total, None,
-                              had_size, hadamard_full, varlen_attn)
-
-    def decode(qs, bt, sl, cu):
-        return kv4_decode_attention(qs, kv_cache, bt, sl, cu, sm_scale, had_size=had_size,
-                                    hadamard=hadamard_perm)
-
-    return _split_mixed(q, block_table, seq_lens, cu_seqlens_q, out, dense, decode)
-
-
-def _split_mixed(q, block_table, seq_lens, cu_seqlens_q, out, dense, decode):
-    """Body of :func:`kv4_mixed_attention_dense`: split the batch by query length
-    and scatter the two results into ``out``. ``dense(q, block_table, seq_lens,
-    cu_q, max_q, max_k, total_k)`` and ``decode(q, block_table, seq_lens, cu_q)``
-    are passed in (the CPU tests run plain-PyTorch stand-ins)."""
-    if out is None:
-        out = torch.empty_like(q)
-    S = seq_lens.shape[0]
-    if S == 0:
-        return out
-    host = torch.cat([cu_seqlens_q[:S + 1].to(torch.int64),
-                      seq_lens.to(torch.int64)]).tolist()
-    cu, sl = host[:S + 1], host[S + 1:]
-    pre = [i for i in range(S) if cu[i + 1] - cu[i] > 1]
-    dec = [i for i in range(S) if cu[i + 1] - cu[i] == 1]
-    dev = q.device
-    if pre:
-        qlen = [cu[i + 1] - cu[i] for i in pre]
-        rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in pre]).to(dev)
-        idx = torch.tensor(pre, device=dev)
-        cu_p = torch.tensor([0] + qlen, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
-        o = dense(q.index_select(0, rows), block_table.index_select(0, idx),
-                  seq_lens.index_select(0, idx), cu_p, max(qlen), max(sl[i] for i in pre),
-                  sum(sl[i] for i in pre))
-        out.index_copy_(0, rows, o.to(out.dtype))
-    if dec:
-        rows = torch.tensor([cu[i] for i in dec], device=dev)
-        idx = torch.tensor(dec, device=dev)
-        cu_d = torch.arange(len(dec) + 1, dtype=torch.int32, device=dev)
-        o = decode(q.index_select(0, rows), block_table.index_select(0, idx),
-                   seq_lens.index_select(0, idx), cu_d)
-        out.index_copy_(0, rows, o.to(out.dtype))
+    if varlen is not None:
+        cu = cu_seqlens_q[:S + 1]
+        q_lens = cu[1:] - cu[:-1]
+        k, v = kv4_cache_dequant(kv_cache, block_table, q_lens, cu, D, int(max_query_len), T,
+                                 q.dtype, zero_fill=False)
+        hf = hadamard_full if hadamard_full is not None else _hadamard_full(D, had_size, q.dtype,
+                                                                            q.device)
+        varlen(torch.matmul(q, hf.to(q.dtype)), k, v, cu.to(torch.int32), int(max_query_len),
+               sm_scale / had_norm(D, had_size), out)
+    qr, _ = _rotated_query(q, had_size, hadamard_perm)   # once for both kernels
+    kv4_decode_attention(qr, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale, out=out,
+                         had_size=had_size, single_rows_only=True, q_rotated=True,
+                         **{"num_splits": 1, **(decode_kw or {})})
+    if max_query_len > 1:
+        kv4_prefill_attention(qr, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
+                              max_query_len, out=out, had_size=had_size, q_rotated=True,
+                              skip_fresh=varlen is not None, skip_single_rows=True,
+                              **(prefill_kw or {}))
     return out
 
 
@@ -919,8 +726,10 @@ def kv4_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tabl
                              had_size: int | None = None,
                              hadamard: torch.Tensor | None = None,
                              tile_n: int = 128, min_split: int = 256, num_warps: int = 4,
-                             fold_zero: bool = False, unpack: str | None = None) -> torch.Tensor:
-    """Plain-PyTorch twin of :func:`kv4_decode_attention` (fp32 sdpa on the dequantized cache)."""
+                             single_rows_only: bool = False, q_rotated: bool = False
+                             ) -> torch.Tensor:
+    """Plain-PyTorch twin of :func:`kv4_decode_attention` (fp32 sdpa on the dequantized cache;
+    answers every sequence: ``single_rows_only`` and ``q_rotated`` are not modelled)."""
     _check_common(q, kv_cache, block_table, seq_lens, kv_cache.shape[1])
     out = torch.empty_like(q) if out is None else out
     return _attention_ref(q, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
@@ -933,38 +742,26 @@ def kv4_prefill_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tab
                               had_size: int | None = None,
                               hadamard: torch.Tensor | None = None,
                               block_m: int = 128, tile_n: int = 32, num_warps: int = 4,
-                              fold_zero: bool = False, num_stages: int | None = None,
-                              unpack: str | None = None, heavy_first: bool = True
-                              ) -> torch.Tensor:
-    """Plain-PyTorch twin of :func:`kv4_prefill_attention`."""
+                              num_stages: int | None = None, skip_single_rows: bool = False,
+                              skip_fresh: bool = False, q_rotated: bool = False) -> torch.Tensor:
+    """Plain-PyTorch twin of :func:`kv4_prefill_attention` (answers every sequence: the skip
+    flags and ``q_rotated`` are not modelled)."""
     _check_common(q, kv_cache, block_table, seq_lens, kv_cache.shape[1])
     out = torch.empty_like(q) if out is None else out
     return _attention_ref(q, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
                           had_size, out)
 
 
-def kv4_mixed_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                            seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, sm_scale: float,
-                            max_query_len: int, out: torch.Tensor | None = None,
-                            had_size: int | None = None, hadamard: torch.Tensor | None = None,
-                            prefill_kw: dict | None = None, decode_kw: dict | None = None
-                            ) -> torch.Tensor:
-    """Plain-PyTorch twin of :func:`kv4_mixed_attention`."""
-    _check_common(q, kv_cache, block_table, seq_lens, kv_cache.shape[1])
-    out = torch.empty_like(q) if out is None else out
-    return _attention_ref(q, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
-                          had_size, out)
-
-
-def kv4_prefill_attention_dense_ref(q: torch.Tensor, kv_cache: torch.Tensor,
-                                    block_table: torch.Tensor, seq_lens: torch.Tensor,
-                                    cu_seqlens_q: torch.Tensor, sm_scale: float,
-                                    max_query_len: int, max_seq_len: int,
-                                    total_kv_tokens: int | None = None,
-                                    out: torch.Tensor | None = None,
-                                    had_size: int | None = None,
-                                    hadamard: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain-PyTorch twin of :func:`kv4_prefill_attention_dense`."""
+def kv4_mixed_attention_flash_ref(q: torch.Tensor, kv_cache: torch.Tensor,
+                                  block_table: torch.Tensor, seq_lens: torch.Tensor,
+                                  cu_seqlens_q: torch.Tensor, sm_scale: float,
+                                  max_query_len: int, out: torch.Tensor | None = None,
+                                  had_size: int | None = None,
+                                  hadamard_perm: torch.Tensor | None = None,
+                                  hadamard_full: torch.Tensor | None = None,
+                                  varlen=None, prefill_kw: dict | None = None,
+                                  decode_kw: dict | None = None) -> torch.Tensor:
+    """Plain-PyTorch twin of :func:`kv4_mixed_attention_flash`."""
     _check_common(q, kv_cache, block_table, seq_lens, kv_cache.shape[1])
     out = torch.empty_like(q) if out is None else out
     return _attention_ref(q, kv_cache, block_table, seq_lens, cu_seqlens_q, sm_scale,
@@ -972,19 +769,13 @@ def kv4_prefill_attention_dense_ref(q: torch.Tensor, kv_cache: torch.Tensor,
 
 
 __all__ = [
-    "UNPACK_MODES",
     "default_num_splits",
     "kv4_decode_attention",
     "kv4_decode_attention_ref",
-    "kv4_mixed_attention",
-    "kv4_mixed_attention_ref",
-    "kv4_prefill_attention",
-    "kv4_mixed_attention_dense",
     "kv4_mixed_attention_flash",
-    "kv4_prefill_attention_dense",
-    "kv4_prefill_attention_dense_ref",
+    "kv4_mixed_attention_flash_ref",
+    "kv4_prefill_attention",
     "kv4_prefill_attention_ref",
-    "num_sms",
     "torch_varlen_causal",
     "varlen_causal_ref",
 ]

@@ -15,9 +15,10 @@ are multiples of 8 bytes (vLLM allocates it physically NHD or HND). For one
 
 * codes: ``spinquant_kernels.format.pack_int4`` of the centred int4 codes
   (element 2j in the low nibble, 2j+1 in the high nibble).
-* scale word: a little-endian float32 ``scale`` whose 4 low mantissa bits hold
-  the 4-bit two's complement of the zero point ``zero`` in [-8, 7]. The scale
-  is *truncated* to those bits before quantizing (:func:`truncate_scale`), so
+* scale word: a little-endian float32 ``scale`` whose ``format.KV_BITS`` low
+  mantissa bits hold the two's complement of the zero point ``zero`` in
+  [qmin, qmax] of ``KV_BITS`` (``format.kv_pack_scale_zero``). The scale is
+  *truncated* to those bits before quantizing (``format.kv_truncate_scale``), so
   ``x ~= scale * (q - zero)`` holds exactly with the stored numbers; the
   truncation changes the scale by less than 2**-19 relatively.
 
@@ -29,8 +30,11 @@ with the truncated scale). That is 4.5 bits per element at head_dim 64 and
 4.25 at head_dim 128 (4 bytes of scale+zero per head vector).
 
 ``kv4_cache_write`` is the one fused Triton kernel of the write path;
-``kv4_cache_write_ref`` is its plain-PyTorch twin. ``kv4_cache_gather_ref``
-dequantizes the cache of one sequence (used by the attention references).
+``kv4_cache_write_ref`` is its plain-PyTorch twin. ``kv4_cache_dequant`` (twin
+``kv4_cache_dequant_ref``) reads whole sequences back into contiguous K/V (the
+FlashAttention path of ``attention.kv4_mixed_attention_flash``);
+``kv4_cache_gather_ref`` dequantizes the cache of one sequence (used by the
+attention references).
 """
 
 from __future__ import annotations
@@ -43,13 +47,23 @@ import triton
 import triton.language as tl
 
 from . import format as fmt
+from ._common import rint_floor
 from .hadamard import decompose, hadamard_matrix
 
-KV_BITS = 4
-# Bytes of the scale word that follows the codes of each head vector.
-SCALE_BYTES = 4
-# Low mantissa bits of the float32 scale that carry the zero point.
-_ZERO_MASK = (1 << KV_BITS) - 1
+# ----------------------------------------------------------------------------
+# kernel constants of the codes and the scale word, from the format
+# ----------------------------------------------------------------------------
+# code range of KV_BITS (-8 and 7 for 4 bits)
+_QMIN = tl.constexpr(fmt.qmin(fmt.KV_BITS))
+_QMAX = tl.constexpr(fmt.qmax(fmt.KV_BITS))
+# one code's bits: the nibble of a packed byte, and the zero point in the scale word
+_CODE_MASK = tl.constexpr(fmt.KV_ZERO_MASK)
+_CODE_BITS = tl.constexpr(fmt.KV_BITS)
+# the scale bits of the word (the word with the zero point cleared)
+_SCALE_MASK = tl.constexpr(~fmt.KV_ZERO_MASK)
+# A code c stored as a KV_BITS-bit two's complement pattern n gives c - qmin = n ^ -qmin
+# (flipping the sign bit maps [qmin, qmax] onto [0, 2**KV_BITS - 1] in order).
+_SIGN_FLIP = tl.constexpr(-fmt.qmin(fmt.KV_BITS))
 
 
 # ----------------------------------------------------------------------------
@@ -58,7 +72,7 @@ _ZERO_MASK = (1 << KV_BITS) - 1
 def kv4_head_bytes(head_dim: int) -> int:
     """Bytes of one stored head vector (codes + scale word): ``head_dim/2 + 4``."""
     _check_head_dim(head_dim)
-    return head_dim // 2 + SCALE_BYTES
+    return head_dim // 2 + fmt.KV_SCALE_BYTES
 
 
 def codes_offset(part: int, head_dim: int) -> int:
@@ -123,29 +137,8 @@ def _words(kv_cache: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------
-# scale word (reference)
+# quantization (reference)
 # ----------------------------------------------------------------------------
-def truncate_scale(scale: torch.Tensor) -> torch.Tensor:
-    """float32 scale with its 4 low mantissa bits cleared (positive scales shrink)."""
-    bits = scale.to(torch.float32).contiguous().view(torch.int32)
-    return (bits & ~_ZERO_MASK).view(torch.float32)
-
-
-def pack_scale_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """``(truncated scale f32, integer zero f32 in [-8, 7]) -> int32 word`` (same shape)."""
-    bits = truncate_scale(scale).view(torch.int32)
-    return bits | (zero.to(torch.int32) & _ZERO_MASK)
-
-
-def unpack_scale_zero(word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`pack_scale_zero`: ``int32 -> (scale f32, zero f32)``."""
-    w = word.to(torch.int32)
-    scale = (w & ~_ZERO_MASK).contiguous().view(torch.float32)
-    zn = w & _ZERO_MASK
-    zero = torch.where(zn >= 8, zn - 16, zn).to(torch.float32)
-    return scale, zero
-
-
 def quantize_kv4_ref(x: torch.Tensor, clip: float = 1.0
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``format.quantize_kv`` with the stored (truncated) scale.
@@ -153,14 +146,14 @@ def quantize_kv4_ref(x: torch.Tensor, clip: float = 1.0
     ``x (..., head_dim)`` float -> ``(codes int8 (..., head_dim), scale (..., 1) f32,
     zero (..., 1) f32)`` with ``x ~= scale * (codes - zero)``.
     """
-    bits = KV_BITS
+    bits = fmt.KV_BITS
     xf = x.float()
     lo = torch.clamp(xf.amin(dim=-1, keepdim=True), max=0.0) * clip
     hi = torch.clamp(xf.amax(dim=-1, keepdim=True), min=0.0) * clip
     # tensor / tensor: CUDA turns "/ python_scalar" into a reciprocal multiply,
     # which differs from the kernel's IEEE division in the last bit
     scale = torch.clamp((hi - lo) / torch.full_like(hi, (1 << bits) - 1), min=fmt.MIN_SCALE)
-    scale = truncate_scale(scale)
+    scale = fmt.kv_truncate_scale(scale)
     zero = torch.clamp(torch.round(fmt.qmin(bits) - lo / scale), fmt.qmin(bits), fmt.qmax(bits))
     return fmt.quantize_asym(xf, scale, zero, bits), scale, zero
 
@@ -227,7 +220,7 @@ def kv4_cache_write_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.
         base = codes_offset(part, D)
         # kv_cache[blk, :, off] is (n, H, 2P) for advanced indexing of dims 0 and 2
         kv_cache[blk, :, off, base:base + half] = fmt.pack_int4(q)
-        words[blk, :, off, word_index(part, D)] = pack_scale_zero(s, z)[..., 0]
+        words[blk, :, off, word_index(part, D)] = fmt.kv_pack_scale_zero(s, z)[..., 0]
 
 
 def kv4_cache_gather_ref(kv_cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int,
@@ -248,7 +241,7 @@ def kv4_cache_gather_ref(kv_cache: torch.Tensor, block_table_row: torch.Tensor, 
     for part in (0, 1):
         base = codes_offset(part, head_dim)
         q = fmt.unpack_int4(rows[..., base:base + half].contiguous())
-        s, z = unpack_scale_zero(words[..., word_index(part, head_dim)])
+        s, z = fmt.kv_unpack_scale_zero(words[..., word_index(part, head_dim)])
         out.append(fmt.dequantize_asym(q, s[..., None], z[..., None]))
     return out[0], out[1]
 
@@ -325,7 +318,8 @@ def hadamard_perm(head_dim: int, had_size: int | None, dtype: torch.dtype,
 def hadamard_full(head_dim: int, had_size: int | None, dtype: torch.dtype,
                   device: torch.device | str) -> torch.Tensor:
     """``(head_dim, head_dim)`` unnormalised R3 matrix ``I (x) H_had_size`` in natural
-    column order (for dense attention on :func:`kv4_cache_dequant` output)."""
+    column order: the query rotation for attention over :func:`kv4_cache_dequant` output
+    (its K is in natural order, in the R3 basis). Cached like :func:`hadamard_halves`."""
     return _r3("full", head_dim, had_size, dtype, device)
 
 
@@ -341,21 +335,10 @@ def dot_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------
-# Triton helpers shared with the attention kernels
+# Triton helper of the write kernel
 # ----------------------------------------------------------------------------
 @triton.jit
-def _rint(x):
-    """Round half to even (torch.round), exact for |x| < 2**22."""
-    r = tl.floor(x)
-    f = x - r
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    up = (f > 0.5) | ((f == 0.5) & odd)
-    return tl.where(up, r + 1.0, r)
-
-
-@triton.jit
-def _quantize_store(xe, xo, row_ok, col_ok, code_ptrs, word_ptrs, clip, MIN_SCALE: tl.constexpr,
-                    QMIN: tl.constexpr, QMAX: tl.constexpr):
+def _quantize_store(xe, xo, row_ok, col_ok, code_ptrs, word_ptrs, clip, MIN_SCALE: tl.constexpr):
     """Quantize rows given as even/odd halves ``(R, HALF_PAD)`` f32; store codes + word."""
     big = float("inf")
     amin = tl.minimum(tl.min(tl.where(col_ok[None, :], xe, big), axis=1),
@@ -364,18 +347,18 @@ def _quantize_store(xe, xo, row_ok, col_ok, code_ptrs, word_ptrs, clip, MIN_SCAL
                       tl.max(tl.where(col_ok[None, :], xo, -big), axis=1))
     lo = tl.minimum(amin, 0.0) * clip
     hi = tl.maximum(amax, 0.0) * clip
-    scale = tl.maximum(tl.math.div_rn(hi - lo, QMAX - QMIN + 0.0), MIN_SCALE)
-    # truncate the 4 low mantissa bits: they carry the zero point
-    sbits = scale.to(tl.int32, bitcast=True) & -16
+    scale = tl.maximum(tl.math.div_rn(hi - lo, _QMAX - _QMIN + 0.0), MIN_SCALE)
+    # truncate the low mantissa bits: they carry the zero point
+    sbits = scale.to(tl.int32, bitcast=True) & _SCALE_MASK
     scale = sbits.to(tl.float32, bitcast=True)
-    zero = tl.minimum(tl.maximum(_rint(QMIN - tl.math.div_rn(lo, scale)), QMIN), QMAX)
-    qe = _rint(tl.math.div_rn(xe, scale[:, None])) + zero[:, None]
-    qo = _rint(tl.math.div_rn(xo, scale[:, None])) + zero[:, None]
-    qe = tl.minimum(tl.maximum(qe, QMIN), QMAX).to(tl.int32)
-    qo = tl.minimum(tl.maximum(qo, QMIN), QMAX).to(tl.int32)
-    packed = ((qe & 15) | ((qo & 15) << 4)).to(tl.uint8)
+    zero = tl.minimum(tl.maximum(rint_floor(_QMIN - tl.math.div_rn(lo, scale)), _QMIN), _QMAX)
+    qe = rint_floor(tl.math.div_rn(xe, scale[:, None])) + zero[:, None]
+    qo = rint_floor(tl.math.div_rn(xo, scale[:, None])) + zero[:, None]
+    qe = tl.minimum(tl.maximum(qe, _QMIN), _QMAX).to(tl.int32)
+    qo = tl.minimum(tl.maximum(qo, _QMIN), _QMAX).to(tl.int32)
+    packed = ((qe & _CODE_MASK) | ((qo & _CODE_MASK) << _CODE_BITS)).to(tl.uint8)
     tl.store(code_ptrs, packed, mask=row_ok[:, None] & col_ok[None, :])
-    tl.store(word_ptrs, sbits | (zero.to(tl.int32) & 15), mask=row_ok)
+    tl.store(word_ptrs, sbits | (zero.to(tl.int32) & _CODE_MASK), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------
@@ -394,7 +377,7 @@ def _kv4_write_kernel(
     # meta-parameters
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, DOT_IEEE: tl.constexpr,
-    MIN_SCALE: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    MIN_SCALE: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_t = tl.program_id(0)
@@ -431,7 +414,7 @@ def _kv4_write_kernel(
     ke = tl.math.div_rn(ke, sqrt_n)
     ko = tl.math.div_rn(ko, sqrt_n)
     _quantize_store(ke, ko, row_ok, col_ok, cache_ptr + row_b[:, None] + j[None, :],
-                    word_ptr + row_w + HEAD_DIM // 4, clip, MIN_SCALE, QMIN, QMAX)
+                    word_ptr + row_w + HEAD_DIM // 4, clip, MIN_SCALE)
 
     # ---- V: stored as is (R2 already rotated it) -----------------------------
     vb = value_ptr + toks64[:, None] * stride_vt + head * stride_vh + 2 * j[None, :]
@@ -439,7 +422,7 @@ def _kv4_write_kernel(
     ve = tl.load(vb, mask=m2, other=0.0).to(tl.float32)
     vo = tl.load(vb + 1, mask=m2, other=0.0).to(tl.float32)
     _quantize_store(ve, vo, row_ok, col_ok, cache_ptr + row_b[:, None] + HALF + j[None, :],
-                    word_ptr + row_w + HEAD_DIM // 4 + 1, clip, MIN_SCALE, QMIN, QMAX)
+                    word_ptr + row_w + HEAD_DIM // 4 + 1, clip, MIN_SCALE)
 
 
 def kv4_cache_write(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -484,13 +467,13 @@ def kv4_cache_write(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tens
         HEAD_DIM=D, DIM_PAD=triton.next_power_of_2(D),
         HALF_PAD=triton.next_power_of_2(D // 2),
         BLOCK_T=BLOCK_T, DOT_IEEE=dt == torch.float32,
-        MIN_SCALE=fmt.MIN_SCALE, QMIN=fmt.qmin(KV_BITS), QMAX=fmt.qmax(KV_BITS),
+        MIN_SCALE=fmt.MIN_SCALE,
         num_warps=4,
     )
 
 
 # ----------------------------------------------------------------------------
-# dequantize whole sequences (prefill through a dense bf16 attention)
+# read whole sequences back (the FlashAttention path of fresh prompts)
 # ----------------------------------------------------------------------------
 def _check_dequant(kv_cache, block_table, seq_lens, cu_seqlens_k, head_dim):
     check_kv4_cache(kv_cache, kv_cache.shape[1], head_dim)
@@ -505,9 +488,9 @@ def _check_dequant(kv_cache, block_table, seq_lens, cu_seqlens_k, head_dim):
 
 def kv4_cache_dequant_ref(kv_cache: torch.Tensor, block_table: torch.Tensor,
                           seq_lens: torch.Tensor, cu_seqlens_k: torch.Tensor, head_dim: int,
-                          max_seq_len: int, total_tokens: int, dtype: torch.dtype = torch.bfloat16
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch twin of :func:`kv4_cache_dequant`."""
+                          max_seq_len: int, total_tokens: int, dtype: torch.dtype = torch.bfloat16,
+                          zero_fill: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch twin of :func:`kv4_cache_dequant` (rows not covered are always zero)."""
     _check_dequant(kv_cache, block_table, seq_lens, cu_seqlens_k, head_dim)
     H = kv_cache.shape[1]
     k = torch.zeros(total_tokens, H, head_dim, dtype=dtype, device=kv_cache.device)
@@ -554,10 +537,12 @@ def _kv4_dequant_kernel(
         p = tl.load(cache_ptr + rb[:, None] + part * HALF + j[None, :], mask=m2, other=0)
         p = p.to(tl.int32)
         w = tl.load(word_ptr + rw + HEAD_DIM // 4 + part, mask=tmask, other=0)
-        scale = (w & -16).to(tl.float32, bitcast=True)
-        zp8 = ((w & 15) ^ 8).to(tl.float32)
-        xe = (((p & 15) ^ 8).to(tl.float32) - zp8[:, None]) * scale[:, None]
-        xo = ((((p >> 4) & 15) ^ 8).to(tl.float32) - zp8[:, None]) * scale[:, None]
+        scale = (w & _SCALE_MASK).to(tl.float32, bitcast=True)
+        # codes and zero both shifted by -qmin (sign flip): their difference is unchanged
+        zs = ((w & _CODE_MASK) ^ _SIGN_FLIP).to(tl.float32)
+        xe = (((p & _CODE_MASK) ^ _SIGN_FLIP).to(tl.float32) - zs[:, None]) * scale[:, None]
+        xo = ((((p >> _CODE_BITS) & _CODE_MASK) ^ _SIGN_FLIP).to(tl.float32)
+              - zs[:, None]) * scale[:, None]
         optr = (k_out_ptr if part == 0 else v_out_ptr) + o_rows[:, None] + 2 * j[None, :]
         tl.store(optr, xe.to(k_out_ptr.dtype.element_ty), mask=m2)
         tl.store(optr + 1, xo.to(k_out_ptr.dtype.element_ty), mask=m2)

@@ -55,13 +55,13 @@ def test_bad_head_dim_rejected(head_dim):
 def test_scale_word_roundtrip_exact():
     g = torch.Generator().manual_seed(0)
     scale = torch.rand(16, 7, generator=g) * 10 ** torch.randint(-8, 3, (16, 7), generator=g)
-    scale = kc.truncate_scale(scale.clamp_min(fmt.MIN_SCALE))
-    zero = torch.arange(fmt.qmin(4), fmt.qmax(4) + 1).float()[:, None].expand(16, 7)
-    s2, z2 = kc.unpack_scale_zero(kc.pack_scale_zero(scale, zero))
+    scale = fmt.kv_truncate_scale(scale.clamp_min(fmt.MIN_SCALE))
+    zero = torch.arange(fmt.qmin(fmt.KV_BITS), fmt.qmax(fmt.KV_BITS) + 1).float()[:, None].expand(16, 7)
+    s2, z2 = fmt.kv_unpack_scale_zero(fmt.kv_pack_scale_zero(scale, zero))
     assert torch.equal(s2, scale) and torch.equal(z2, zero)
     # truncation moves a scale by less than 2**-19 relatively, never up
     raw = torch.rand(1000, generator=g) + 1e-3
-    t = kc.truncate_scale(raw)
+    t = fmt.kv_truncate_scale(raw)
     assert bool((t <= raw).all()) and float(((raw - t) / raw).max()) < 2 ** -19
 
 
@@ -129,8 +129,8 @@ def test_write_random_fp32_within_one_code(clip):
     half = D // 2
     for part in (0, 1):
         base, wi = kc.codes_offset(part, D), kc.word_index(part, D)
-        sa, za = kc.unpack_scale_zero(c1.view(torch.int32)[..., wi])
-        sb, zb = kc.unpack_scale_zero(c2.view(torch.int32)[..., wi])
+        sa, za = fmt.kv_unpack_scale_zero(c1.view(torch.int32)[..., wi])
+        sb, zb = fmt.kv_unpack_scale_zero(c2.view(torch.int32)[..., wi])
         torch.testing.assert_close(sa, sb, rtol=1e-5, atol=0)
         assert float((za != zb).float().mean()) < 0.02
         qa = fmt.unpack_int4(c1[..., base:base + half].contiguous()).int()
@@ -206,7 +206,7 @@ def _filled_cache(seq_lens, H, D, bs, gen, dev):
 
 @pytest.mark.parametrize("D", [64, 128])
 def test_dequant_kernel_matches_reference_fp32(D):
-    """Whole-sequence dequantization (the dense prefill path) is exact in float32."""
+    """Whole-sequence read-back (the FlashAttention path of fresh prompts) is exact in float32."""
     g = torch.Generator().manual_seed(D)
     dev = _device()
     seq_lens = [5, 40, 0, 17]
@@ -265,8 +265,8 @@ def test_write_gpu_bf16_matches_reference(D):
         qb = fmt.unpack_int4(c2[..., base:base + half].contiguous()).int()
         assert int((qa - qb).abs().max()) <= 1
         assert float((qa != qb).float().mean()) < 1e-3
-        sa, _ = kc.unpack_scale_zero(c1.view(torch.int32)[..., wi])
-        sb, _ = kc.unpack_scale_zero(c2.view(torch.int32)[..., wi])
+        sa, _ = fmt.kv_unpack_scale_zero(c1.view(torch.int32)[..., wi])
+        sb, _ = fmt.kv_unpack_scale_zero(c2.view(torch.int32)[..., wi])
         torch.testing.assert_close(sa, sb, rtol=1e-5, atol=0)
     # V is not rotated: its sums are trivially exact, so V must match bit for bit
     v0, vw = kc.codes_offset(1, D), kc.word_index(1, D)
