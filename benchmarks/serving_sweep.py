@@ -2,7 +2,7 @@
 
 For every configuration (a server command line), this script starts the server,
 waits for ``/health``, then for each shape (prompt/output tokens) and
-concurrency runs the closed-loop streaming client of ``spinquant_server.bench``
+concurrency runs the closed-loop streaming client of ``load_client.py``
 (``ignore_eos``, so every request produces its full output), records output
 tok/s, TTFT and TPOT p50/p99, and stops the server before the next
 configuration. Results go to ``serving_sweep_raw.json`` under ``--out``
@@ -37,8 +37,7 @@ import time
 import urllib.request
 
 import provenance  # benchmarks/provenance.py (this script's folder is on sys.path)
-
-from spinquant_server.bench import run as bench_run
+from load_client import run as bench_run  # benchmarks/load_client.py, likewise
 
 DEFAULT_SHAPES = ("1024x256", "4096x512", "128x1024")
 DEFAULT_CONCURRENCY = (1, 8, 32, 128)

@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from spinquant_kernels.options import API_KEY_ENV, options
+
 _OFFLINE_COMMANDS = ("quantize", "eval")
 
 
@@ -34,8 +36,8 @@ def _serve_parser() -> argparse.ArgumentParser:
                    help="auto: vllm when a CUDA GPU and vLLM are available, else the CPU reference engine")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default 8000)")
-    p.add_argument("--api-key", default=os.environ.get("SPINQUANT_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: env SPINQUANT_API_KEY)")
+    p.add_argument("--api-key", default=options().api_key,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: env {API_KEY_ENV})")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: the checkpoint directory's name)")
     p.add_argument("--max-concurrency", type=int, default=256,
@@ -104,7 +106,8 @@ def serve(argv: Sequence[str]) -> int:
         raise SystemExit(f"spinquant serve: checkpoint {args.checkpoint!r} does not exist")
     import uvicorn
 
-    from spinquant_server.app import Server, ServerSettings, create_app
+    from spinquant_server.app import Server, create_app
+    from spinquant_server.state import ServerSettings
 
     name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
     settings = ServerSettings(served_model_name=name, api_key=args.api_key or None,

@@ -105,6 +105,8 @@ class CPUEngine(Engine):
         self._active: list[_Sequence] = []
         self._by_id: dict[str, _Sequence] = {}
         self._stopping = False
+        # None: the worker steps freely; k >= 0: k more passes, then it holds (see `hold`).
+        self._passes_left: int | None = None
         self._thread: threading.Thread | None = None
         #: tokens sampled since construction (all sequences; written by the worker only)
         self.num_generated_tokens = 0
@@ -248,24 +250,68 @@ class CPUEngine(Engine):
                 seq.aborted.set()
                 self._cond.notify_all()
 
+    # ------------------------------------------------------------------ test hooks
+    def hold(self, passes: int = 0) -> None:
+        """Let the worker make `passes` more passes (one token for each running sequence per
+        pass), then stop stepping until `release()`.
+
+        While held, sequences stay in flight without generating; aborted or cancelled ones
+        are still dropped (finish_reason "abort") and `shutdown` overrides the hold. Tests
+        use it to keep requests in flight for as long as they look at them, so what they
+        see does not depend on how fast the machine is.
+        """
+        if passes < 0:
+            raise ValueError(f"hold needs passes >= 0, got {passes}")
+        with self._cond:
+            self._passes_left = passes
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        """End a `hold`: the worker steps freely again."""
+        with self._cond:
+            self._passes_left = None
+            self._cond.notify_all()
+
+    def wait_in_flight(self, count: int, timeout_s: float) -> bool:
+        """Block the calling thread until exactly `count` sequences are in flight.
+
+        Returns False if that did not happen within `timeout_s` seconds. Call it from a
+        thread other than the event loop's (``asyncio.to_thread`` inside a coroutine):
+        admitting and cancelling sequences needs the loop.
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._pending) + len(self._active) == count, timeout_s)
+
     # ------------------------------------------------------------------ worker thread
+    def _has_work(self) -> bool:
+        """Whether the worker has something to do (called with `_cond` held)."""
+        if self._stopping:
+            return True
+        if self._passes_left == 0:
+            return any(seq.aborted.is_set() for seq in self._pending + self._active)
+        return bool(self._pending or self._active)
+
     def _worker(self) -> None:
         if self._num_threads is not None:
             torch.set_num_threads(self._num_threads)
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._stopping or self._pending or self._active):
-                        self._cond.wait()
+                    self._cond.wait_for(self._has_work)
                     if self._stopping and not (self._pending or self._active):
                         return
                     self._active.extend(self._pending)
                     self._pending.clear()
                     batch = list(self._active)
+                    held = self._passes_left == 0 and not self._stopping
+                    if self._passes_left and not self._stopping:
+                        self._passes_left -= 1
                 for seq in batch:
                     if seq.aborted.is_set():
                         self._finish(seq, GenerationOutput("", [], finish_reason="abort",
                                                            num_prompt_tokens=len(seq.prompt_ids)))
+                        continue
+                    if held:
                         continue
                     try:
                         out = self._step(seq)
@@ -292,6 +338,8 @@ class CPUEngine(Engine):
                 self._active.remove(seq)
             self._by_id.pop(seq.request_id, None)
             seq.cache = None
+            # Wakes `wait_in_flight` callers.
+            self._cond.notify_all()
         self._deliver(seq, item)
 
     def _forward(self, seq: _Sequence, all_logits: bool) -> torch.Tensor:

@@ -1,10 +1,13 @@
 """Fixtures: a tiny random Llama checkpoint, CPU engines over it, live uvicorn servers on 127.0.0.1."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 import time
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +19,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# Context of the tiny model: long enough for requests that outlive a client timeout.
+# Context of the tiny model: room for requests that stay in flight while a test looks at them.
 MAX_POS = 512
+# Bound on waits for a state that an idle machine reaches in milliseconds; only a hung
+# server or engine gets there. No test asserts how long anything takes.
+HANG_S = 120
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Quantization maps weights and activations to four bit integers.",
@@ -102,6 +108,27 @@ def make_engine(tiny_model, tiny_ckpt):
     return make
 
 
+def _wait_until(predicate: Callable[[], bool], what: str, hang_s: float = HANG_S) -> None:
+    """Poll `predicate` until it holds. Only a hung server reaches `hang_s`: the wait is for
+    a state to be reached, its duration is never what a test asserts."""
+    deadline = time.monotonic() + hang_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting after {hang_s} s: {what}")
+        time.sleep(0.01)
+
+
+def _open_request(url: str, path: str, body: dict[str, Any]) -> socket.socket:
+    """POST `body` as JSON on a raw socket and return the socket unread: closing it is a
+    client disconnect at a moment the test chooses (no client timeout involved)."""
+    u = urllib.parse.urlsplit(url)
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((u.hostname, u.port))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
 @dataclass
 class LiveServer:
     url: str
@@ -110,45 +137,63 @@ class LiveServer:
     server: Any
     thread: threading.Thread
 
+    #: the hang guard of waits on this server (see HANG_S)
+    hang_s = HANG_S
+
     @property
     def state(self):
         return self.app.state.server
 
-    def wait_idle(self, timeout: float = 10.0) -> None:
+    def wait_engine_in_flight(self, count: int) -> None:
+        """Wait until exactly `count` sequences are inside the engine (a CPUEngine)."""
+        assert self.engine.wait_in_flight(count, HANG_S), \
+            f"engine never had {count} sequences in flight (has {self.engine.num_in_flight})"
+
+    def wait_idle(self) -> None:
         """Wait until neither the app nor the engine holds a request."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.engine.num_in_flight == 0 and self.state.in_flight == 0:
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"requests leaked: engine {self.engine.num_in_flight}, app {self.state.in_flight}")
+        _wait_until(lambda: self.engine.num_in_flight == 0 and self.state.in_flight == 0,
+                   f"requests in flight: engine {self.engine.num_in_flight}, app {self.state.in_flight}")
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=HANG_S)
         assert not self.thread.is_alive(), "server thread did not stop"
 
 
 def start_server(engine: Any, **settings: Any) -> LiveServer:
-    """Start uvicorn with our app on 127.0.0.1 (free port) in a daemon thread."""
+    """Start uvicorn with our app on 127.0.0.1 (free port) in a daemon thread; returns once it listens."""
     import uvicorn
 
-    from spinquant_server.app import Server, ServerSettings, create_app
+    from spinquant_server.app import Server, create_app
+    from spinquant_server.state import ServerSettings
 
     settings.setdefault("served_model_name", "tiny")
     app = create_app(engine, ServerSettings(**settings))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+    listening = threading.Event()
+    # The drain waits for in-flight responses up to HANG_S: only a hung response reaches it.
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=HANG_S),
+                    on_started=lambda _server: listening.set())
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("live server did not start")
-        time.sleep(0.02)
+    _wait_until(lambda: listening.is_set() or not thread.is_alive(), "the live server to listen")
+    if not listening.is_set():
+        raise RuntimeError("live server did not start (its thread exited)")
     return LiveServer(f"http://127.0.0.1:{port}", engine, app, server, thread)
+
+
+@pytest.fixture
+def wait_until():
+    """`_wait_until(predicate, what)`: poll until a state is reached (hang guard only)."""
+    return _wait_until
+
+
+@pytest.fixture
+def open_request():
+    """`_open_request(url, path, body)`: a POST on a raw socket, to disconnect when the test decides."""
+    return _open_request
 
 
 @pytest.fixture(scope="module")

@@ -136,29 +136,54 @@ def test_abort_and_cancel_leave_nothing_in_flight(make_engine, tiny_model):
     engine = make_engine()
     long = SamplingOptions(max_tokens=400, ignore_eos=True)
 
+    async def idle() -> None:
+        assert await asyncio.to_thread(engine.wait_in_flight, 0, 120), engine.num_in_flight
+
     async def body():
+        # One pass, then held: the sequence has exactly one token (and a KV cache) when aborted.
+        engine.hold(passes=1)
         gen = engine.generate(prompt, long, "ab")
         first = await gen.__anext__()
-        assert not first.finished
+        assert len(first.token_ids) == 1 and not first.finished
         await engine.abort("ab")
         rest = [o async for o in gen]
-        assert rest[-1].finish_reason == "abort"
-        assert sum(len(o.token_ids) for o in [first] + rest) < 400
+        assert [(o.finish_reason, o.token_ids) for o in rest] == [("abort", [])]
         # Closing the iterator early (a client gone) drops the sequence as well.
+        engine.hold(passes=1)
         gen2 = engine.generate(prompt, long, "cl")
         await gen2.__anext__()
         await gen2.aclose()
+        await idle()
+        # So does cancelling its consumer; held, the sequence cannot finish before the cancel.
+        engine.hold()
         task = asyncio.ensure_future(_generate(engine, prompt, long, "ca"))
-        await asyncio.sleep(0.05)
+        while engine.num_in_flight == 0:
+            await asyncio.sleep(0)  # yields to the task until the engine has admitted it
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(200):
-            if engine.num_in_flight == 0:
-                break
-            await asyncio.sleep(0.01)
-        return engine.num_in_flight
-    assert run(_with_engine(engine, body)) == 0
+        await idle()
+        engine.release()
+    run(_with_engine(engine, body))
+    assert engine.num_generated_tokens == 2  # "ab" and "cl" one token each, "ca" none
+
+
+def test_hold_refuses_negative_passes_and_shutdown_overrides_it(make_engine):
+    engine = make_engine()
+    with pytest.raises(ValueError, match="passes >= 0"):
+        engine.hold(passes=-1)
+
+    async def body():
+        engine.hold()
+        gen = engine.generate([1, 2, 3], SamplingOptions(max_tokens=8, ignore_eos=True), "held")
+        task = asyncio.ensure_future(gen.__anext__())
+        while engine.num_in_flight == 0:
+            await asyncio.sleep(0)
+        await engine.shutdown()  # would never return if the hold kept the worker waiting
+        out = await task
+        assert out.finish_reason == "abort" and engine.num_in_flight == 0
+    run(_with_engine(engine, body))
+    assert engine.num_generated_tokens == 0
 
 
 def test_rejects_bad_prompts_and_options(make_engine):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import openai
@@ -194,45 +193,52 @@ def test_request_size_limit(live_factory):
 def test_concurrency_limit_answers_429_with_retry_after(live_factory):
     srv = live_factory(max_concurrency=1)
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
-    stream = client.completions.create(model="tiny", prompt="hi", max_tokens=400, stream=True,
-                                       extra_body={"ignore_eos": True})
-    next(iter(stream))  # the first request is now in flight
+    srv.engine.hold()  # the first request stays in flight until the test releases it
+    stream = client.completions.create(model="tiny", prompt="hi", max_tokens=4, stream=True)
+    # create() returned with the response headers: the first request is admitted and unfinished.
     with pytest.raises(openai.RateLimitError) as e:
         client.completions.create(model="tiny", prompt="hi", max_tokens=2)
     assert e.value.response.headers["retry-after"] == "1"
     stream.close()
+    srv.engine.release()
     srv.wait_idle()
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
 
 
-def test_non_streaming_disconnect_cancels_in_engine(live_factory):
-    # Without the KV cache every step recomputes the sequence: 500 tokens take seconds.
-    srv = live_factory(engine_kw={"use_kv_cache": False})
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 500, "ignore_eos": True},
-                   timeout=httpx.Timeout(0.5))
+def test_non_streaming_disconnect_cancels_in_engine(live_factory, open_request):
+    srv = live_factory()
+    srv.engine.hold()  # the sequence cannot take a step before the client has left
+    sock = open_request(srv.url, "/v1/completions", {"prompt": "hi", "max_tokens": 500, "ignore_eos": True})
+    srv.wait_engine_in_flight(1)
+    sock.close()
+    # A held engine drops a sequence only when it is aborted: this is the cancellation arriving.
+    srv.wait_engine_in_flight(0)
     srv.wait_idle()
-    assert srv.engine.num_generated_tokens < 500
+    srv.engine.release()
+    assert srv.engine.num_generated_tokens == 0
     assert 'status="499"' in httpx.get(srv.url + "/metrics").text
 
 
 def test_graceful_shutdown_drains_in_flight(live_factory):
-    srv = live_factory(engine_kw={"use_kv_cache": False})
+    srv = live_factory()
+    srv.engine.hold()  # the stream stays in flight until the test has seen the drain begin
     result: dict = {}
 
     def consume():
-        with httpx.stream("POST", srv.url + "/v1/completions",
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=srv.hang_s,
                           json={"prompt": "hi", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
             result["lines"] = [line for line in r.iter_lines() if line]
-    t = threading.Thread(target=consume)
+    t = threading.Thread(target=consume, daemon=True)
     t.start()
-    while srv.state.in_flight == 0:
-        time.sleep(0.01)
+    srv.wait_engine_in_flight(1)
     srv.server.should_exit = True
-    time.sleep(0.3)
-    assert t.is_alive() and srv.thread.is_alive()  # still streaming while the server drains
-    t.join(timeout=60)
-    srv.thread.join(timeout=30)
+    assert srv.state.draining.wait(srv.hang_s), "shutdown did not begin"
+    # Draining, with the request held by the engine: the server waits for it, the stream is open.
+    assert t.is_alive() and srv.thread.is_alive() and srv.engine.num_in_flight == 1
+    srv.engine.release()
+    t.join(timeout=srv.hang_s)
+    srv.thread.join(timeout=srv.hang_s)
+    assert not t.is_alive() and not srv.thread.is_alive()
     assert result["lines"][-1] == "data: [DONE]"
     assert '"finish_reason": "length"' in result["lines"][-2]
     assert srv.engine.num_generated_tokens == 200

@@ -1,6 +1,6 @@
 """Closed-loop load generator for any OpenAI-compatible server (this one or ``vllm serve``).
 
-    python -m spinquant_server.bench --url http://127.0.0.1:8000 --model NAME \
+    python benchmarks/load_client.py --url http://127.0.0.1:8000 --model NAME \
         --concurrency 64 --requests 512 --prompt-tokens 128 --max-tokens 128
 
 Each of ``--concurrency`` workers sends streaming /v1/completions requests back to back
@@ -59,6 +59,11 @@ async def _one(http: Any, url: str, body: dict[str, Any]) -> tuple[float, float,
 
 async def run(url: str, model: str, concurrency: int, requests: int, prompt_tokens: int, max_tokens: int,
               vocab: int, seed: int, api_key: str | None) -> dict[str, Any]:
+    """Send `requests` streaming completions from `concurrency` workers to the server at `url`.
+
+    Prompts are `prompt_tokens` ids drawn from [100, vocab) with `seed`. Returns the summary
+    that `main` prints (rates, TTFT / TPOT / latency percentiles in seconds, error count).
+    """
     import httpx
 
     rng = random.Random(seed)
@@ -108,7 +113,7 @@ async def run(url: str, model: str, concurrency: int, requests: int, prompt_toke
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m spinquant_server.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/load_client.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", required=True, help="served model name")
     p.add_argument("--concurrency", type=int, default=64)
