@@ -9,9 +9,10 @@ directory with
 * ``model.safetensors``:
   ``model.embed_tokens.weight`` / ``lm_head.weight`` (V, H) bf16; every norm
   weight bf16 (all ones: the gains are folded into the linears); for each
-  quantized linear ``<name>.qweight (N, K/2) uint8`` (``pack_int4`` of the
-  int4 codes), ``<name>.weight_scale (N,) float32`` and ``<name>.bias (N,)``
-  bf16 where the model has one;
+  quantized linear (``format.QUANTIZED_PROJECTIONS``) ``<name>.qweight (N, K/2)
+  uint8`` (``pack_int4`` of the int4 codes), ``<name>.weight_scale (N,) float32``
+  (the suffixes are ``format.QWEIGHT_SUFFIX`` / ``SCALE_SUFFIX``) and
+  ``<name>.bias (N,)`` bf16 where the model has one;
 * the tokenizer files and ``spinquant_meta.json`` (how it was made).
 
 Writing is atomic: everything goes into a fresh sibling temporary directory,
@@ -56,17 +57,23 @@ _ST_DTYPE = {torch.bfloat16: "BF16", torch.uint8: "U8", torch.float32: "F32",
 # the tensor layout
 # ----------------------------------------------------------------------------
 def quantized_linear_names(model: nn.Module) -> list[str]:
-    """Module names of the linears stored as int4 (q/k/v/o/gate/up/down of every layer)."""
-    from .fake_quant import LINEAR_NAMES
+    """Module names of the linears stored as int4: ``format.QUANTIZED_PROJECTIONS`` of every layer."""
+    from .fake_quant import quantized_projections
 
     names = []
     for i, layer in enumerate(model.model.layers):
         for parent_name in ("self_attn", "mlp"):
-            parent = getattr(layer, parent_name)
-            for n in LINEAR_NAMES:
-                if getattr(parent, n, None) is not None:
-                    names.append(f"model.layers.{i}.{parent_name}.{n}")
+            for n, _ in quantized_projections(getattr(layer, parent_name)):
+                names.append(f"model.layers.{i}.{parent_name}.{n}")
     return names
+
+
+def _qweight(module: str) -> str:
+    return f"{module}.{fmt.QWEIGHT_SUFFIX}"
+
+
+def _scale(module: str) -> str:
+    return f"{module}.{fmt.SCALE_SUFFIX}"
 
 
 def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -81,10 +88,11 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch
         module, _, leaf = name.rpartition(".")
         if module in quantized and leaf == "weight":
             N, K = p.shape
-            if K % 2:
-                raise ValueError(f"{module}: in_features must be even to pack int4, got {K}")
-            out[f"{module}.qweight"] = ((N, K // 2), fmt.PACKED_DTYPE)
-            out[f"{module}.weight_scale"] = ((N,), fmt.SCALE_DTYPE)
+            if K % fmt.PACK_FACTOR:
+                raise ValueError(f"{module}: in_features must be a multiple of {fmt.PACK_FACTOR} "
+                                 f"to pack int{fmt.WEIGHT_BITS}, got {K}")
+            out[_qweight(module)] = ((N, K // fmt.PACK_FACTOR), fmt.PACKED_DTYPE)
+            out[_scale(module)] = ((N,), fmt.SCALE_DTYPE)
         else:  # embeddings, lm_head, norms, biases
             out[name] = (tuple(p.shape), STORE_DTYPE)
     return out
@@ -135,8 +143,8 @@ def state_dict_for_checkpoint(model: nn.Module) -> dict[str, torch.Tensor]:
         if ql.weight_codes is None or ql.weight_scale is None:
             raise ValueError(f"{module} has no quantized weight (weight_codes is None): "
                              "run gptq.quantize_weights before saving")
-        tensors[f"{module}.qweight"] = fmt.pack_int4(ql.weight_codes.detach().cpu()).contiguous()
-        tensors[f"{module}.weight_scale"] = ql.weight_scale.detach().cpu().to(fmt.SCALE_DTYPE).clone()
+        tensors[_qweight(module)] = fmt.pack_int4(ql.weight_codes.detach().cpu()).contiguous()
+        tensors[_scale(module)] = ql.weight_scale.detach().cpu().to(fmt.SCALE_DTYPE).clone()
     quantized = set(quantized_linear_names(model))
     for name, p in model.named_parameters(remove_duplicate=False):
         module, _, leaf = name.rpartition(".")
@@ -181,6 +189,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, cfg: fmt.SpinQ
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not a directory; refusing to replace it")
     # Everything that can fail on bad input fails here, before any file exists.
+    cfg.require_resolved("save_checkpoint")
     tensors = state_dict_for_checkpoint(model)
     config = checkpoint_config(model, cfg)
     config_text = json.dumps(config, indent=2, sort_keys=True)
@@ -347,15 +356,15 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.floa
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{path}: tensor {name!r} holds non-finite values")
-        if name.endswith(".weight_scale") and not bool((t > 0).all()):
+        if name.endswith("." + fmt.SCALE_SUFFIX) and not bool((t > 0).all()):
             raise CheckpointError(f"{path}: tensor {name!r} must be > 0, got min {float(t.min()):.3g}")
 
     fake_quant.install(model, cfg)
     qls = fake_quant.quant_linears(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     for module in quantized_linear_names(model):
-        q = fmt.unpack_int4(tensors.pop(f"{module}.qweight"))
-        qls[module].set_quantized_weight(q, tensors.pop(f"{module}.weight_scale"))
+        q = fmt.unpack_int4(tensors.pop(_qweight(module)))
+        qls[module].set_quantized_weight(q, tensors.pop(_scale(module)))
     for name, t in tensors.items():
         params[name].copy_(t.to(params[name].dtype))
     model.to(device).eval()

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import typing
 from collections.abc import Sequence
 
 from spinquant_kernels import format as fmt
@@ -36,7 +37,9 @@ _HELP = {
     "progress": "show progress bars",
     "act_clip": "activation clipping ratio (1.0 = min-max)",
     "kv_clip": "KV cache clipping ratio (1.0 = min-max)",
-    "r4_size": "online Hadamard size on the down_proj input (0 = the intermediate size)",
+    "r4_size": "block size of the online Hadamard R4 on the down_proj input: a Hadamard order dividing "
+               "the intermediate size (blocks smaller than it for tensor-parallel shards); unset: derived "
+               "from the model, the whole intermediate size (rotation none has no R4)",
 }
 # SpinQuantConfig fields exposed as flags besides --bits / --rotation / --weights.
 _CONFIG_FLAGS = ("act_clip", "kv_clip", "r4_size")
@@ -46,23 +49,36 @@ def _default(cls, name: str):
     return {f.name: f.default for f in dataclasses.fields(cls)}[name]
 
 
+def _flag_type(cls, f: dataclasses.Field) -> type | None:
+    """The flag's value type: the default's, or for a ``None`` default the other member of ``T | None``."""
+    if f.default is not None:
+        return type(f.default) if isinstance(f.default, (bool, int, float, str)) else None
+    args = [a for a in typing.get_args(typing.get_type_hints(cls)[f.name]) if a is not type(None)]
+    return args[0] if len(args) == 1 and args[0] in (int, float, str) else None
+
+
 def _add_dataclass_flags(group, cls, names: Sequence[str] | None = None) -> list[str]:
-    """One flag per primitive field of ``cls`` (``foo_bar`` -> ``--foo-bar``), default from the field."""
+    """One flag per primitive field of ``cls`` (``foo_bar`` -> ``--foo-bar``), default from the field.
+
+    A field of type ``T | None`` with default ``None`` becomes an optional ``T`` flag.
+    """
     added = []
     for f in dataclasses.fields(cls):
         if names is not None and f.name not in names:
             continue
-        default = f.default
-        if default is dataclasses.MISSING or not isinstance(default, (bool, int, float, str)):
+        if f.default is dataclasses.MISSING:
+            continue
+        kind = _flag_type(cls, f)
+        if kind is None:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_ = _HELP.get(f.name, f.name)
-        if isinstance(default, bool):
+        if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=default, help=help_)
+                               default=f.default, help=help_)
         else:
-            group.add_argument(flag, dest=f.name, type=type(default), default=default,
-                               metavar=type(default).__name__.upper(), help=help_)
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default,
+                               metavar=kind.__name__.upper(), help=help_)
         added.append(f.name)
     return added
 

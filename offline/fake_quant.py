@@ -24,7 +24,13 @@ from spinquant_kernels import format as fmt
 from spinquant_kernels.hadamard import hadamard_transform_ref
 
 ATTN_IMPL = "spinquant_sdpa"
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantized_projections(parent: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the children of ``parent`` (a layer's self_attn or mlp) that
+    ``format.QUANTIZED_PROJECTIONS`` names, in definition order (Hugging Face Llama:
+    q/k/v/o_proj, gate/up/down_proj; the fused vLLM names do not occur there)."""
+    return [(n, m) for n, m in parent.named_children() if n in fmt.QUANTIZED_PROJECTIONS]
 
 
 # ----------------------------------------------------------------------------
@@ -149,19 +155,18 @@ def _register_attention() -> None:
 # installing the simulation into a model
 # ----------------------------------------------------------------------------
 def install(model: nn.Module, cfg: fmt.SpinQuantConfig) -> nn.Module:
-    """Wrap q/k/v/o/gate/up/down in :class:`QuantLinear` and set up KV quant (in place).
+    """Wrap the quantized projections in :class:`QuantLinear` and set up KV quant (in place).
 
-    down_proj gets the online Hadamard ``cfg.r4_size``; Q/K get ``cfg.r3_size``
-    after RoPE; K/V are fake-quantized when ``cfg.kv_bits < 16``. Idempotent:
-    an installed model is updated to ``cfg``.
+    ``cfg`` must be resolved (``pipeline.resolve_config``). The projections of
+    ``format.R4_PROJECTIONS`` (down_proj) get the online Hadamard ``cfg.r4_size``;
+    Q/K get ``cfg.r3_size`` after RoPE; K/V are fake-quantized when
+    ``cfg.kv_bits < 16``. Idempotent: an installed model is updated to ``cfg``.
     """
+    cfg.require_resolved("fake_quant.install")
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
-            for name in LINEAR_NAMES:
-                lin = getattr(parent, name, None)
-                if lin is None:
-                    continue
-                had = cfg.r4_size if name == "down_proj" else 0
+            for name, lin in quantized_projections(parent):
+                had = cfg.r4_size if name in fmt.R4_PROJECTIONS else 0
                 if isinstance(lin, QuantLinear):
                     lin.act_bits, lin.act_clip, lin.had_size = cfg.act_bits, cfg.act_clip, had
                 else:

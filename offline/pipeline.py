@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from spinquant_kernels import format as fmt
+from spinquant_kernels.hadamard import decompose
 
 from . import fake_quant, gptq, rotation
 from .learn import learn_rotations
@@ -47,17 +48,28 @@ class PipelineOptions:
 
 
 def resolve_config(model: nn.Module, cfg: fmt.SpinQuantConfig) -> fmt.SpinQuantConfig:
-    """Fill in the online Hadamard sizes the rotation choice implies.
+    """``cfg`` with its online Hadamard sizes resolved for ``model`` (no ``None`` left).
 
-    Rotated models get R4 over the whole intermediate dimension and, when the
-    KV cache is quantized, R3 over head_dim. ``none`` gets neither.
+    A size of ``None`` is derived from the model: with a rotation, R4 over the
+    whole intermediate dimension and, when the KV cache is quantized, R3 over
+    head_dim (``SpinQuantConfig`` already gives rotation ``none`` and 16-bit KV
+    caches their zeros). A given size is checked: it must divide the
+    model's dimension and be a Hadamard order this package builds.
     """
-    if cfg.rotation == fmt.Rotation.NONE:
-        return dataclasses.replace(cfg, r4_size=0, r3_size=0)
-    r4 = cfg.r4_size or model.config.intermediate_size
-    if model.config.intermediate_size % r4:
-        raise ValueError(f"r4_size {r4} must divide intermediate_size {model.config.intermediate_size}")
-    r3 = rotation.head_dim(model) if cfg.quantize_kv else 0
+    inter, hd = model.config.intermediate_size, rotation.head_dim(model)
+    r4 = inter if cfg.r4_size is None else cfg.r4_size
+    r3 = hd if cfg.r3_size is None else cfg.r3_size
+    for name, size, dim, dim_name in (("r4_size", r4, inter, "intermediate_size"),
+                                      ("r3_size", r3, hd, "head_dim")):
+        if not size:
+            continue
+        if dim % size:
+            raise ValueError(f"{name} {size} must divide the model's {dim_name} {dim}")
+        try:
+            decompose(size)
+        except ValueError as e:
+            origin = f"the model's {dim_name}" if getattr(cfg, name) is None else "as given"
+            raise ValueError(f"{name} {size} ({origin}): {e}; give a block size that is one") from None
     return dataclasses.replace(cfg, r4_size=r4, r3_size=r3)
 
 

@@ -288,9 +288,13 @@ def test_from_preset_with_overrides_and_bad_preset():
         fmt.SpinQuantConfig.from_preset("W3A4KV4")
 
 
-@pytest.mark.parametrize("kw", [{}, {"r4_size": 11008, "r3_size": 128, "act_clip": 0.9},
+# A resolved config (what a checkpoint holds): SmolLM2-135M's R4 and R3 block sizes.
+RESOLVED = {"r4_size": 1536, "r3_size": 64}
+
+
+@pytest.mark.parametrize("kw", [RESOLVED, {"r4_size": 11008, "r3_size": 128, "act_clip": 0.9},
                                 {"rotation": "none", "weight_method": "rtn", "kv_bits": 16},
-                                {"modules_not_quantized": ["lm_head"]}])
+                                {"modules_not_quantized": ["lm_head"], "r4_size": 64, "kv_bits": 16}])
 def test_json_roundtrip(kw):
     cfg = fmt.SpinQuantConfig(**kw)
     d = cfg.to_dict()
@@ -313,11 +317,53 @@ def test_json_roundtrip(kw):
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"SpinQuantConfig\.{field}\b"):
-        fmt.SpinQuantConfig(**{field: value})
-    d = fmt.SpinQuantConfig().to_dict()
+        fmt.SpinQuantConfig(**{**RESOLVED, field: value})
+    d = fmt.SpinQuantConfig(**RESOLVED).to_dict()
     d[field] = value
     with pytest.raises(ValueError, match=rf"\b{field}\b"):
         fmt.SpinQuantConfig.from_dict(d)
+
+
+def test_hadamard_sizes_none_means_derive_from_the_model():
+    cfg = fmt.SpinQuantConfig()
+    assert cfg.r4_size is None and cfg.r3_size is None and not cfg.resolved
+    # what needs no model is derived at once: no rotation, no online Hadamard; KV16, no R3
+    none = fmt.SpinQuantConfig(rotation="none")
+    assert (none.r4_size, none.r3_size) == (0, 0) and none.resolved
+    kv16 = fmt.SpinQuantConfig.from_preset("W4A4KV16", r4_size=128)
+    assert (kv16.r4_size, kv16.r3_size) == (128, 0) and kv16.resolved
+    # an explicit R3 with a 16-bit KV cache stays (it leaves QK^T unchanged)
+    assert fmt.SpinQuantConfig(kv_bits=16, r4_size=128, r3_size=64).r3_size == 64
+    resolved = fmt.SpinQuantConfig(**RESOLVED)
+    assert resolved.resolved and dataclasses.replace(resolved, act_clip=0.9).resolved
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"r4_size": 0}, r"r4_size must be > 0 with rotation 'learned'.*got 0"),
+    ({"rotation": "hadamard", "r4_size": 0, "r3_size": 64}, r"r4_size must be > 0 with rotation 'hadamard'"),
+    ({"r4_size": 128, "r3_size": 0}, r"r3_size must be > 0 with rotation 'learned' and kv_bits=4.*got 0"),
+    ({"rotation": "none", "r4_size": 128}, r"r4_size must be 0 with rotation 'none'.*got 128"),
+    ({"rotation": "none", "r3_size": 64}, r"r3_size must be 0 with rotation 'none'.*got 64"),
+    ({"r4_size": True}, r"r4_size must be an int >= 0 or None.*got True"),
+])
+def test_hadamard_sizes_must_fit_the_rotation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        fmt.SpinQuantConfig(**kw)
+
+
+def test_unresolved_config_has_no_checkpoint_form():
+    with pytest.raises(ValueError, match=r"quantization_config needs SpinQuantConfig\.r4_size as an int.*"
+                                         r"got None.*resolve_config"):
+        fmt.SpinQuantConfig().to_dict()
+    with pytest.raises(ValueError, match=r"r3_size as an int.*got None"):
+        fmt.SpinQuantConfig(r4_size=128).to_dict()
+    d = fmt.SpinQuantConfig(**RESOLVED).to_dict()
+    for name in RESOLVED:
+        with pytest.raises(ValueError, match=rf"quantization_config needs SpinQuantConfig\.{name} as an int"):
+            fmt.SpinQuantConfig.from_dict({**d, name: None})
+    with pytest.raises(ValueError, match=r"^the writer needs SpinQuantConfig\.r4_size"):
+        fmt.SpinQuantConfig().require_resolved("the writer")
+    fmt.SpinQuantConfig(**RESOLVED).require_resolved("the writer")
 
 
 @pytest.mark.parametrize("field, value", [("rotation", "random"), ("weight_method", "awq")])
@@ -327,7 +373,7 @@ def test_invalid_enum_values(field, value):
 
 
 def test_unknown_keys_rejected():
-    d = fmt.SpinQuantConfig().to_dict()
+    d = fmt.SpinQuantConfig(**RESOLVED).to_dict()
     d["group_size"] = 128
     with pytest.raises(ValueError, match="group_size"):
         fmt.SpinQuantConfig.from_dict(d)

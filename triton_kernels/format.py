@@ -117,6 +117,14 @@ class SpinQuantConfig:
 
     The offline stage writes it into config.json, the vLLM plugin reads only
     it. CLI flags are generated from the fields so each default exists once.
+
+    The online Hadamard sizes ``r4_size`` and ``r3_size`` are block sizes: 0 is
+    "not applied", ``None`` is "derive from the model". ``None`` exists only on
+    the offline stage's input: ``spinquant_offline.pipeline.resolve_config``
+    replaces it by the model's size, and :meth:`to_dict` / :meth:`from_dict`
+    (the checkpoint's form) refuse it. What needs no model is derived here:
+    rotation ``none`` has neither R4 nor R3 (both 0), a 16-bit KV cache has no
+    R3 (0).
     """
 
     weight_bits: int = 4
@@ -124,11 +132,13 @@ class SpinQuantConfig:
     kv_bits: int = 4
     rotation: Rotation = Rotation.LEARNED
     weight_method: WeightMethod = WeightMethod.GPTQ
-    # Online Hadamard R4 on the down_proj input: transform size (the
-    # intermediate size, or a divisor of it for tensor-parallel shards).
-    r4_size: int = 0
-    # Online Hadamard R3 on Q and K after RoPE (head_dim); 0 = not applied.
-    r3_size: int = 0
+    # Online Hadamard R4 on the input of R4_PROJECTIONS: its block size, a Hadamard
+    # order dividing the intermediate size (the whole of it, or smaller blocks that
+    # tensor-parallel shards can hold). > 0 with a rotation, 0 with rotation "none".
+    r4_size: int | None = None
+    # Online Hadamard R3 on Q and K after RoPE: its block size (head_dim, or a
+    # divisor). > 0 with a rotation and a quantized KV cache; 0 = not applied.
+    r3_size: int | None = None
     # Activation clipping ratio (1.0 = plain min-max) and KV clipping ratio.
     act_clip: float = 1.0
     kv_clip: float = 1.0
@@ -154,7 +164,7 @@ class SpinQuantConfig:
             raise ValueError("SpinQuantConfig.modules_not_quantized must be a list of names, "
                              f"got the string {self.modules_not_quantized!r}")
         object.__setattr__(self, "modules_not_quantized", tuple(self.modules_not_quantized))
-        for name in ("weight_bits", "act_bits", "kv_bits", "version", "r3_size", "r4_size"):
+        for name in ("weight_bits", "act_bits", "kv_bits", "version"):
             v = getattr(self, name)
             if type(v) is not int:
                 raise ValueError(f"SpinQuantConfig.{name} must be an int, got {v!r}")
@@ -180,14 +190,50 @@ class SpinQuantConfig:
             if value not in allowed:
                 raise ValueError(
                     f"SpinQuantConfig.{name} must be one of {list(allowed)}, got {value!r}")
-        for name in ("r3_size", "r4_size"):
-            v = getattr(self, name)
-            if v < 0:
-                raise ValueError(f"SpinQuantConfig.{name} must be an int >= 0, got {v!r}")
         for name in ("act_clip", "kv_clip"):
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"SpinQuantConfig.{name} must be in (0, 1], got {v!r}")
+        self._check_hadamard_sizes()
+
+    def _check_hadamard_sizes(self) -> None:
+        for name in ("r3_size", "r4_size"):
+            v = getattr(self, name)
+            if v is not None and (type(v) is not int or v < 0):
+                raise ValueError(f"SpinQuantConfig.{name} must be an int >= 0 or None "
+                                 f"(derive from the model), got {v!r}")
+        rotated = self.rotation != Rotation.NONE
+        if not rotated:
+            for name in ("r4_size", "r3_size"):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, 0)
+                elif getattr(self, name):
+                    raise ValueError(f"SpinQuantConfig.{name} must be 0 with rotation 'none' "
+                                     f"(no online Hadamard), got {getattr(self, name)!r}")
+        if not self.quantize_kv and self.r3_size is None:
+            object.__setattr__(self, "r3_size", 0)
+        if rotated and self.r4_size == 0:
+            raise ValueError(f"SpinQuantConfig.r4_size must be > 0 with rotation "
+                             f"{self.rotation.value!r} (the R4 block size; None derives it "
+                             f"from the model), got 0")
+        if rotated and self.quantize_kv and self.r3_size == 0:
+            raise ValueError(f"SpinQuantConfig.r3_size must be > 0 with rotation "
+                             f"{self.rotation.value!r} and kv_bits={self.kv_bits} (the R3 block "
+                             f"size; None derives it from the model), got 0")
+
+    @property
+    def resolved(self) -> bool:
+        """Whether both online Hadamard sizes are known (no ``None`` left)."""
+        return self.r4_size is not None and self.r3_size is not None
+
+    def require_resolved(self, where: str) -> None:
+        """Raise ``ValueError`` naming ``where`` and the unresolved field unless :attr:`resolved`."""
+        for name in ("r4_size", "r3_size"):
+            if getattr(self, name) is None:
+                raise ValueError(
+                    f"{where} needs SpinQuantConfig.{name} as an int (the resolved block size, "
+                    f"0 = not applied), got None (\"derive from the model\"): resolve it with "
+                    f"spinquant_offline.pipeline.resolve_config(model, cfg)")
 
     # -- presets --------------------------------------------------------------
     @classmethod
@@ -207,8 +253,9 @@ class SpinQuantConfig:
     def quantize_kv(self) -> bool:
         return self.kv_bits < 16
 
-    # -- (de)serialisation ----------------------------------------------------
+    # -- (de)serialisation: the checkpoint's form, resolved sizes only -------
     def to_dict(self) -> dict[str, Any]:
+        self.require_resolved("quantization_config")
         d: dict[str, Any] = {"quant_method": QUANT_METHOD}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -232,7 +279,9 @@ class SpinQuantConfig:
         if unknown:
             raise ValueError(f"quantization_config has unknown keys {unknown}; "
                              f"format version {FORMAT_VERSION} knows {sorted(names)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg.require_resolved("quantization_config")
+        return cfg
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

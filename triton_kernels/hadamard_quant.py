@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from . import format as fmt
+from ._common import interpreting, quotient_div, quotient_fma, rint, sm_count
 from .hadamard import _sylvester, base_hadamard, decompose, hadamard_transform_ref
 
 # Largest register tile (C_PAD * P elements) one program holds: 16384 fp32 per
@@ -44,7 +44,8 @@ _MAX_P = 128
 # ----------------------------------------------------------------------------
 def hadamard_quant_ref(x: torch.Tensor, had_size: int = 0, bits: int = 4, clip: float = 1.0,
                        pack: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch twin of :func:`hadamard_quant` (same signature and outputs)."""
+    """Plain-PyTorch twin of :func:`hadamard_quant`: the same arguments (less the kernel's
+    launch settings) and outputs."""
     _check(x, had_size, bits, clip)
     xf = x.float()
     if had_size:
@@ -136,35 +137,9 @@ def _matrices_cpu(K: int, had_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 _DEVICE_CACHE: dict = {}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# How the GPU kernel forms v / scale for the codes (both meant to give the IEEE quotient, bit for bit):
-# "fma" (default) one IEEE reciprocal per row, then per element q = v * inv corrected by one
-# FMA residual step (Markstein: with inv correctly rounded and q within an ulp,
-# q + (v - q * scale) * inv rounds to the IEEE quotient; v * inv alone can miss by a little more
-# than an ulp in rare cases), three instructions instead of the division's subroutine;
-# "div" an IEEE division per element (`div.rn`), kept as the fallback and as the comparator of
-# the GPU test that holds "fma" to it (tests/kernels/test_hadamard_quant.py). H100, session 5,
-# one run: the same codes at every tested shape (random and tie-heavy rows; the correction's
-# exactness is Markstein's argument, not proven here for every scale), and down_proj's layer (14336 Hadamard) at
-# M = 2048 in 326 us against 467 us with "div" (docs/KERNELS.md). The interpreter always divides.
-QUOTIENT_ENV = "SPINQUANT_HQ_QUOTIENT"
-QUOTIENT_MODES = ("div", "fma")
-
-
-def quotient_mode() -> str:
-    """The quotient of the GPU kernel (``$SPINQUANT_HQ_QUOTIENT``, read at each launch)."""
-    mode = os.environ.get(QUOTIENT_ENV, "fma")
-    if mode not in QUOTIENT_MODES:
-        raise ValueError(f"{QUOTIENT_ENV} must be one of {list(QUOTIENT_MODES)}, got {mode!r}")
-    return mode
-
-
 def _matrices(K: int, had_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # float32 under the interpreter (it has no bfloat16 arithmetic), bf16 on the GPU
-    dtype = torch.float32 if _interpreting() else torch.bfloat16
+    dtype = torch.float32 if interpreting() else torch.bfloat16
     key = (K, had_size, str(device), dtype)
     if key not in _DEVICE_CACHE:
         inner, bt = _matrices_cpu(K, had_size)
@@ -177,52 +152,6 @@ def _matrices(K: int, had_size: int, device: torch.device) -> tuple[torch.Tensor
 # kernel
 # ----------------------------------------------------------------------------
 @triton.jit
-def _rint(v):
-    # round half to even, exactly like torch.round, for |v| < 2**22: adding
-    # 1.5 * 2**23 leaves no fraction bits in float32
-    return (v + 12582912.0) - 12582912.0
-
-
-@triton.jit
-def _mul_rn(a, b, USE_ASM: tl.constexpr):
-    """float32 a * b rounded on its own: an explicit ``mul.rn`` is never fused
-    into an FMA with a following add (the W4A4 epilogue's bias, the rounding
-    trick of :func:`_rint`), so every kernel rounds the same way."""
-    if USE_ASM:
-        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b],
-                                         dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        return a * b
-
-
-@triton.jit
-def _quotient(v, scale):
-    """v / scale for the codes: the IEEE (correctly rounded) quotient, as
-    ``format.quantize_asym`` computes it, on the GPU and in the interpreter.
-
-    Not ``v * (1 / scale)``: that differs from the IEEE quotient by up to an
-    ulp, and worse, the compiler contracts the product with the ``+ 1.5 * 2**23``
-    of :func:`_rint` into one FMA, which rounds the *unrounded* product
-    ``v * inv`` to an integer. Where ``v / scale`` rounds to an exact ``k + 0.5``
-    (common with bf16 inputs and 8-bit codes: the H100 run had 1.3% of codes
-    at such ties for K = 14336) that product sits just above or below the tie,
-    by the sign of inv's rounding error times v, so about half of the ties
-    went the other way from torch.round's half-to-even. ``div.rn`` is an
-    opaque correctly rounded result: no contraction, ties round half-even."""
-    return tl.div_rn(v, scale)
-
-
-@triton.jit
-def _quotient_fma(v, scale, inv):
-    """v / scale from inv = div_rn(1, scale): ``q = v * inv``, ``r = v - q * scale`` (exact in
-    one FMA), ``q + r * inv``, all in one asm block so no step is fused or reordered."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .f32 q, nq, r; mul.rn.f32 q, $1, $3; neg.f32 nq, q; "
-        "fma.rn.f32 r, nq, $2, $1; fma.rn.f32 $0, r, $3, q; }",
-        "=r,r,r,r", [v, scale, inv], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
 def _hadamard_quant_kernel(
     # pointers
     x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, bt_ptr,
@@ -233,9 +162,11 @@ def _hadamard_quant_kernel(
     # meta-parameters
     C: tl.constexpr, C_PAD: tl.constexpr, P: tl.constexpr,
     HAD: tl.constexpr, OUTER: tl.constexpr, X_KIND: tl.constexpr, BITS: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr,
     DOT_F32: tl.constexpr, PACK: tl.constexpr, USE_ASM: tl.constexpr, QUOT_FMA: tl.constexpr,
 ):
-    # X_KIND: 0 bf16, 1 fp16, 2 fp32.  BITS: 4 or 8 (quantize), 16 (Hadamard only).
+    # X_KIND: 0 bf16, 1 fp16, 2 fp32.  BITS: 4 or 8 (quantize, codes in [QMIN, QMAX]),
+    # 16 (Hadamard only).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_c = tl.arange(0, C_PAD)
@@ -275,27 +206,27 @@ def _hadamard_quant_kernel(
             tl.store(q_ptr + row * stride_qm + idx, v.to(q_ptr.dtype.element_ty), mask=cmask)
         else:
             # ---- per-token asymmetric parameters (format.asym_params) ----------
-            QMIN: tl.constexpr = -(1 << (BITS - 1))
-            QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
-            LEVELS: tl.constexpr = (1 << BITS) - 1
+            LEVELS: tl.constexpr = QMAX - QMIN
             lo = tl.minimum(tl.min(tl.min(v, axis=1), axis=0), 0.0) * clip
             hi = tl.maximum(tl.max(tl.max(v, axis=1), axis=0), 0.0) * clip
-            scale = tl.maximum(tl.div_rn(hi - lo, LEVELS * 1.0), 1e-8)
-            zero = tl.minimum(tl.maximum(_rint(QMIN - tl.div_rn(lo, scale)), QMIN), QMAX)
+            scale = tl.maximum(tl.div_rn(hi - lo, LEVELS * 1.0), MIN_SCALE)
+            zero = tl.minimum(tl.maximum(rint(QMIN - tl.div_rn(lo, scale)), QMIN), QMAX)
             if QUOT_FMA and USE_ASM:
-                # the IEEE quotient from one division per row (see QUOTIENT_MODES)
+                # the IEEE quotient from one division per row and a correction step per element
                 inv = tl.div_rn(1.0, scale)
-                t = _quotient_fma(v, tl.broadcast_to(scale, v.shape), tl.broadcast_to(inv, v.shape))
+                t = quotient_fma(v, tl.broadcast_to(scale, v.shape), tl.broadcast_to(inv, v.shape))
             else:
-                # IEEE division per element, as format.quantize_asym (see _quotient)
-                t = _quotient(v, tl.broadcast_to(scale, v.shape))
-            q = tl.minimum(tl.maximum(_rint(t) + zero, QMIN), QMAX).to(tl.int32)
+                # IEEE division per element, as format.quantize_asym
+                t = quotient_div(v, tl.broadcast_to(scale, v.shape))
+            q = tl.minimum(tl.maximum(rint(t) + zero, QMIN), QMAX).to(tl.int32)
             tl.store(s_ptr + row, scale)
             tl.store(z_ptr + row, zero)
             # ---- codes ------------------------------------------------------
             if BITS == 4 and PACK:
+                # two's complement nibbles, element 2j low (format.pack_int4)
+                NIBBLE: tl.constexpr = (1 << BITS) - 1
                 even, odd = tl.split(tl.reshape(q, (C_PAD, P // 2, 2)))
-                packed = ((even & 15) | ((odd & 15) << 4)).to(tl.uint8)
+                packed = ((even & NIBBLE) | ((odd & NIBBLE) << BITS)).to(tl.uint8)
                 offs_j = tl.arange(0, P // 2)
                 tl.store(q_ptr + row * stride_qm + offs_c[:, None] * (P // 2) + offs_j[None, :],
                          packed, mask=cmask)
@@ -303,25 +234,24 @@ def _hadamard_quant_kernel(
                 tl.store(q_ptr + row * stride_qm + idx, q.to(tl.int8), mask=cmask)
 
 
-# Launch heuristics (benchmarks/kernels.py --hq-sweep measures them): programs
-# per SM of the persistent row loop and warps per program (None: by the tile).
-# Measured on the H100 at M = 4096: the 14336 Hadamard (one 224 KB-smem program
-# per SM) is best with 1 program per SM and 8 warps; K = 4096 without a
-# Hadamard with 8 programs per SM (4 warps).
-TUNING = {"programs_per_sm": None, "num_warps": None}
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _launch(x: torch.Tensor, had_size: int, bits: int, clip: float, out: torch.Tensor,
-            s: torch.Tensor | None, z: torch.Tensor | None, pack: bool = True) -> None:
+            s: torch.Tensor | None, z: torch.Tensor | None, pack: bool = True,
+            programs_per_sm: int | None = None, num_warps: int | None = None,
+            quot_fma: bool = True) -> None:
+    """Launch the kernel on ``x (M, K)`` into ``out`` (and ``s``, ``z`` (M, 1) f32 when quantizing).
+
+    ``programs_per_sm`` / ``num_warps`` (None: by the tile) override the launch
+    heuristics for benchmarking. ``quot_fma=False`` computes the codes' quotient
+    by an IEEE division per element: the comparator of the GPU test that holds
+    the production ``fma`` quotient to it.
+    """
     M, K = x.shape
     ok, why = hadamard_quant_supported(K, had_size, bits)
     if not ok:
         raise ValueError(why)
+    for name, v in (("programs_per_sm", programs_per_sm), ("num_warps", num_warps)):
+        if v is not None and (type(v) is not int or v < 1):
+            raise ValueError(f"hadamard_quant: {name} must be None or an int >= 1, got {v!r}")
     if M == 0:
         return
     P, C, c_pad = _tiling(K, had_size)
@@ -332,33 +262,48 @@ def _launch(x: torch.Tensor, had_size: int, bits: int, clip: float, out: torch.T
         H = BT = x  # unused
     if x.stride(1) != 1:
         x = x.contiguous()
+    # Measured on the H100 at M = 4096 (benchmarks/kernels.py --hq-sweep): the 14336
+    # Hadamard (one 224 KB-smem program per SM) is best with 1 program per SM and
+    # 8 warps; K = 4096 without a Hadamard with 8 programs per SM and 4 warps.
     tile = c_pad * P
-    num_warps = TUNING["num_warps"] or (8 if tile >= 8192 else 4)
+    num_warps = num_warps or (8 if tile >= 8192 else 4)
     if x.device.type == "cuda":
-        pps = TUNING["programs_per_sm"] or (1 if had_size and tile >= 8192 else 8)
-        grid = (min(M, pps * _sm_count(x.device)),)
+        pps = programs_per_sm or (1 if had_size and tile >= 8192 else 8)
+        grid = (min(M, pps * sm_count(x.device)),)
     else:
         grid = (M,)
     x_kind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[x.dtype]
+    qmin, qmax = (fmt.qmin(bits), fmt.qmax(bits)) if bits < 16 else (0, 0)
+    interp = interpreting()
     _hadamard_quant_kernel[grid](
         x, out, s if s is not None else out, z if z is not None else out, H, BT,
         M, 1.0 / math.sqrt(had_size) if had_size else 1.0, float(clip),
         x.stride(0), out.stride(0),
         C=C, C_PAD=c_pad, P=P, HAD=bool(had_size), OUTER=outer, X_KIND=x_kind, BITS=bits,
-        DOT_F32=_interpreting(), PACK=pack, USE_ASM=not _interpreting(),
-        QUOT_FMA=quotient_mode() == "fma", num_warps=num_warps,
+        QMIN=qmin, QMAX=qmax, MIN_SCALE=fmt.MIN_SCALE,
+        DOT_F32=interp, PACK=pack, USE_ASM=not interp, QUOT_FMA=quot_fma, num_warps=num_warps,
     )
 
 
 def hadamard_quant(x: torch.Tensor, had_size: int = 0, bits: int = 4, clip: float = 1.0,
-                   pack: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   pack: bool = True, *, programs_per_sm: int | None = None,
+                   num_warps: int | None = None, _quot_fma: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused block Hadamard + per-token asymmetric quantization; equivalent to :func:`hadamard_quant_ref`.
 
     x: (M, K) bf16, fp16 or fp32 (last dim contiguous); had_size: 0 (none) or a
     Hadamard order m * 2^k dividing K; bits: 4 or 8; clip in (0, 1].
     Returns ``q`` ((M, K/2) uint8 packed for bits=4, (M, K) int8 for bits=8, or
-    (M, K) int8 codes in [-8, 7] for bits=4 with ``pack=False``),
+    (M, K) int8 codes in [qmin(4), qmax(4)] for bits=4 with ``pack=False``),
     ``scale (M, 1) float32`` and ``zero (M, 1) float32`` (integer-valued).
+
+    On the GPU the codes' quotient ``v / scale`` is one IEEE reciprocal per row
+    and a Markstein correction step per element (``_common.quotient_fma``), the
+    IEEE quotient bit for bit at every tested shape; the down_proj layer (14336
+    Hadamard + quantize + GEMM) runs 1.4x faster than with a division per
+    element (docs/KERNELS.md). The interpreter divides. Keyword-only launch settings: ``programs_per_sm`` and
+    ``num_warps`` (None: by the tile) for benchmarks; ``_quot_fma=False`` (the
+    division) for the test that compares the two quotients.
     """
     _check(x, had_size, bits, clip)
     M, K = x.shape
@@ -367,7 +312,8 @@ def hadamard_quant(x: torch.Tensor, had_size: int = 0, bits: int = 4, clip: floa
                     dtype=fmt.PACKED_DTYPE if packed else fmt.CODE_DTYPE, device=x.device)
     s = torch.empty((M, 1), dtype=torch.float32, device=x.device)
     z = torch.empty((M, 1), dtype=torch.float32, device=x.device)
-    _launch(x, had_size, bits, clip, q, s, z, pack=packed)
+    _launch(x, had_size, bits, clip, q, s, z, pack=packed, programs_per_sm=programs_per_sm,
+            num_warps=num_warps, quot_fma=_quot_fma)
     return q, s, z
 
 

@@ -142,6 +142,24 @@ def test_supported_and_errors():
         hadamard_quant(torch.zeros(2, 63), 0, 4)
 
 
+@pytest.mark.parametrize("had", [0, 192])
+def test_launch_settings_leave_the_results_alone(had):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 384, generator=g).to(torch.bfloat16)
+    want = hadamard_quant(x, had, 4)
+    for kw in ({"programs_per_sm": 1, "num_warps": 8}, {"programs_per_sm": 3}, {"num_warps": 2}):
+        got = hadamard_quant(x, had, 4, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), kw
+
+
+@pytest.mark.parametrize("kw,seen", [({"programs_per_sm": 0}, "0"), ({"num_warps": 2.0}, "2.0"),
+                                     ({"num_warps": -4}, "-4")])
+def test_bad_launch_settings_are_named(kw, seen):
+    (name,) = kw
+    with pytest.raises(ValueError, match=rf"{name} must be None or an int >= 1, got {seen}"):
+        hadamard_quant(torch.zeros(2, 64), 0, 4, **kw)
+
+
 # ---------------------------------------------------------------------------
 # GPU, real sizes (same command on the H100)
 # ---------------------------------------------------------------------------
@@ -158,32 +176,33 @@ def test_hadamard_quant_gpu(M, K, had, dtype, bits):
     _check(x + 0.25, had, bits)  # a mean offset: held to the reference's SQNR
 
 
-def test_quotient_mode_is_checked(monkeypatch):
-    from spinquant_kernels import hadamard_quant as hq
-
-    monkeypatch.setenv(hq.QUOTIENT_ENV, "approx")
-    with pytest.raises(ValueError, match="SPINQUANT_HQ_QUOTIENT must be one of .*'approx'"):
-        hadamard_quant(torch.zeros(2, 64), 0, 4)
-    monkeypatch.delenv(hq.QUOTIENT_ENV)
-    assert hq.quotient_mode() == "fma"
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,had,settings", [
+    (4096, 0, ({"programs_per_sm": 1, "num_warps": 8}, {"programs_per_sm": 3}, {"num_warps": 2})),
+    (14336, 14336, ({"programs_per_sm": 2}, {"programs_per_sm": 8, "num_warps": 8})),
+])
+def test_launch_settings_leave_the_results_alone_gpu(K, had, settings):
+    """Benchmarks override the persistent grid and the warps: the codes must not move."""
+    g = torch.Generator().manual_seed(K + had)
+    x = (torch.randn(1029, K, generator=g) * 2).to(torch.bfloat16).cuda()
+    want = hadamard_quant(x, had, 4)
+    for kw in settings:
+        got = hadamard_quant(x, had, 4, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), kw
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 4096])
 @pytest.mark.parametrize("K,had", [(4096, 0), (14336, 14336), (14336, 0), (576, 576)])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_fma_quotient_gives_the_division_codes_gpu(monkeypatch, M, K, had, bits):
-    """SPINQUANT_HQ_QUOTIENT=fma (reciprocal + one FMA residual step) must reproduce the
-    IEEE-division codes bit for bit, ties included: bf16 rows with 8-bit codes land on exact
-    .5 quotients often (1.3% of codes at K = 14336 in the first H100 run)."""
-    from spinquant_kernels import hadamard_quant as hq
-
+def test_fma_quotient_gives_the_division_codes_gpu(M, K, had, bits):
+    """The production quotient (reciprocal + one FMA residual step) must reproduce the
+    IEEE-division codes (``_quot_fma=False``) bit for bit, ties included: bf16 rows with
+    8-bit codes land on exact .5 quotients often (1.3% of codes at K = 14336 on the H100)."""
     g = torch.Generator().manual_seed(7 * M + K + bits)
     for x in ((torch.randn(M, K, generator=g) * 2).to(torch.bfloat16).cuda(),
               (torch.randint(-40, 41, (M, K), generator=g) / 8).to(torch.bfloat16).cuda()):
-        monkeypatch.setenv(hq.QUOTIENT_ENV, "div")
-        q_div, s_div, z_div = hadamard_quant(x, had, bits)
-        monkeypatch.setenv(hq.QUOTIENT_ENV, "fma")
+        q_div, s_div, z_div = hadamard_quant(x, had, bits, _quot_fma=False)
         q_fma, s_fma, z_fma = hadamard_quant(x, had, bits)
         assert torch.equal(s_fma, s_div) and torch.equal(z_fma, z_div)
         bad = int((q_fma != q_div).sum())

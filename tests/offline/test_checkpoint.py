@@ -159,7 +159,7 @@ def test_failure_in_a_later_step_also_cleans_up(saved, tmp_path):
 
 def test_save_refuses_unquantized_or_unfolded_models(tmp_path):
     tok = byte_tokenizer()
-    cfg = fmt.SpinQuantConfig.from_preset("W4A16KV16", weight_method="rtn")
+    cfg = fmt.SpinQuantConfig.from_preset("W4A16KV16", weight_method="rtn", rotation="none")
     model = tiny_llama(vocab=257, dtype=torch.float32)
     rotation.fuse_norms(model)
     fake_quant.install(model, cfg)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -70,6 +71,26 @@ def test_quantize_passes_config_and_options_to_the_pipeline(monkeypatch, tmp_pat
     assert opts == pipeline.PipelineOptions(steps=3, seed=7, lr=0.5, act_order=True, progress=False,
                                             calib_samples=4, seqlen=64)
     assert json.loads(capsys.readouterr().out)["config"] == "W4A8KV4"
+
+
+def test_r4_size_flag_is_unset_by_default_and_passed_when_given(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(pipeline, "quantize", lambda *a, **k: calls.append(a[2]) or {})
+    assert parse("quantize", "--out", "x").r4_size is None
+    assert cli.main(["quantize", "--out", str(tmp_path / "a")]) == 0
+    assert cli.main(["quantize", "--out", str(tmp_path / "b"), "--r4-size", "128"]) == 0
+    assert cli.main(["quantize", "--out", str(tmp_path / "c"), "--rotation", "none"]) == 0
+    assert [(c.r4_size, c.r3_size) for c in calls] == [(None, None), (128, None), (0, 0)]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (("--r4-size", "0"), "r4_size must be > 0 with rotation 'learned'"),
+    (("--rotation", "none", "--r4-size", "64"), "r4_size must be 0 with rotation 'none'.*got 64"),
+    (("--r4-size", "-2"), "r4_size must be an int >= 0 or None.*got -2"),
+])
+def test_bad_r4_size_exits_2_naming_it(capsys, tmp_path, argv, match):
+    code, err = exit_code(capsys, "quantize", "--out", str(tmp_path / "o"), *argv)
+    assert code == 2 and re.search(match, err), err
 
 
 def test_quantize_reuses_learned_rotations(monkeypatch, tmp_path, capsys):

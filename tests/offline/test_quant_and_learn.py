@@ -39,9 +39,9 @@ def test_kv_quant_changes_attention_only_when_enabled():
     m = tiny_llama(dtype=torch.float32)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
     rotation.fuse_norms(m)
-    fake_quant.install(m, fmt.SpinQuantConfig(act_bits=16, kv_bits=16))
+    fake_quant.install(m, fmt.SpinQuantConfig(act_bits=16, kv_bits=16, rotation="none"))
     a = m(ids).logits
-    fake_quant.install(m, fmt.SpinQuantConfig(act_bits=16, kv_bits=4, r3_size=16))
+    fake_quant.install(m, fmt.SpinQuantConfig(act_bits=16, kv_bits=4, rotation="none"))
     b = m(ids).logits
     assert not torch.allclose(a, b)
     assert _sqnr_db(a, b) > 10
@@ -82,6 +82,48 @@ def test_pipeline_builds_quantized_model(method):
         assert torch.equal(lin.weight, fmt.dequantize_weight(lin.weight_codes, lin.weight_scale))
     out = m(ids).logits
     assert _sqnr_db(ref, out) > 3  # a random tiny model at W4A4KV4 stays correlated
+
+
+def test_install_refuses_an_unresolved_config():
+    m = tiny_llama(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"fake_quant\.install needs SpinQuantConfig\.r4_size as an int"):
+        fake_quant.install(m, fmt.SpinQuantConfig(act_bits=16, kv_bits=16))
+    assert not fake_quant.quant_linears(m)
+
+
+def test_install_wraps_the_format_projections_and_r4_only_on_down_proj():
+    m = fake_quant.install(tiny_llama(dtype=torch.float32, intermediate=96),
+                           fmt.SpinQuantConfig(act_bits=16, kv_bits=16, r4_size=48))
+    qls = fake_quant.quant_linears(m)
+    assert [n.split(".", 3)[3] for n in qls if n.startswith("model.layers.0.")] == [
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert {n.rsplit(".", 1)[1] for n in qls} <= fmt.QUANTIZED_PROJECTIONS
+    assert {n.rsplit(".", 1)[1]: q.had_size for n, q in qls.items() if q.had_size} == {"down_proj": 48}
+
+
+@pytest.mark.parametrize("kw, want", [
+    ({}, (96, 16)),                                 # derived: the whole intermediate size, head_dim
+    ({"r4_size": 48, "r3_size": 8}, (48, 8)),       # given: kept
+    ({"rotation": "none"}, (0, 0)),
+    ({"kv_bits": 16}, (96, 0)),
+])
+def test_resolve_config_derives_none_and_keeps_given_sizes(kw, want):
+    m = tiny_llama(dtype=torch.float32, intermediate=96)
+    cfg = pipeline.resolve_config(m, fmt.SpinQuantConfig(**{"rotation": "hadamard", **kw}))
+    assert (cfg.r4_size, cfg.r3_size) == want and cfg.resolved
+
+
+@pytest.mark.parametrize("intermediate, kw, match", [
+    (96, {"r4_size": 64}, r"r4_size 64 must divide the model's intermediate_size 96"),
+    (96, {"r3_size": 12}, r"r3_size 12 must divide the model's head_dim 16"),
+    (96, {"r4_size": 6}, r"r4_size 6 \(as given\): no Hadamard matrix of order 6"),
+    (90, {}, r"r4_size 90 \(the model's intermediate_size\): no Hadamard matrix of order 90"),
+])
+def test_resolve_config_refuses_sizes_the_model_cannot_take(intermediate, kw, match):
+    m = tiny_llama(dtype=torch.float32, intermediate=intermediate)
+    with pytest.raises(ValueError, match=match):
+        pipeline.resolve_config(m, fmt.SpinQuantConfig(rotation="hadamard", **kw))
 
 
 def test_learning_lowers_the_quantized_loss_and_keeps_orthogonality():

@@ -37,7 +37,8 @@ def test_rotated_model_matches_original(kw, kind, monkeypatch):
     inter, hd = m.config.intermediate_size, rotation.head_dim(m)
     r4 = inter if kind == "hadamard" else 0
     rotation.absorb_rotations(m, R1, R2s, r4_size=r4)
-    fake_quant.install(m, SpinQuantConfig(act_bits=16, kv_bits=16, r4_size=r4, r3_size=hd))
+    fake_quant.install(m, SpinQuantConfig(act_bits=16, kv_bits=16, rotation=kind, r4_size=r4,
+                                          r3_size=hd if kind == "hadamard" else 0))
     out = m(ids).logits
     rel = ((out - ref).abs().max() / ref.abs().max()).item()
     assert rel < 1e-8, rel
