@@ -304,17 +304,18 @@ def test_mixed_without_flash_gpu_bf16():
 
 
 @pytest.mark.parametrize("had", [None, 32])
-def test_mixed_flash_cpu(had):
-    """kv4_mixed_attention_flash on CPU with the plain-PyTorch varlen stand-in: fresh prompts
+def test_mixed_flash_with_reference_varlen(had):
+    """kv4_mixed_attention_flash with the plain-PyTorch varlen stand-in: fresh prompts
     (one of a single token), a chunk with cached context, decodes and a padding entry all get
     the reference answer; the flash call sees, for each fresh prompt, exactly its tokens as the
     cache holds them; the prefill kernel with skip_fresh leaves fresh rows untouched."""
     g = torch.Generator().manual_seed(41)
     Hkv, Hq, D = 2, 6, 64
     seq_lens, q_lens = [20, 37, 1, 17, 9, 0, 5], [20, 3, 1, 1, 9, 0, 1]
-    cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, "cpu", had=had)
-    q = torch.randn(sum(q_lens), Hq, D, generator=g)
-    cu = _cu(q_lens, "cpu")
+    dev = _device()
+    cache, bt, sl, _ = _paged(seq_lens, Hkv, D, 16, g, dev, had=had)
+    q = torch.randn(sum(q_lens), Hq, D, generator=g).to(dev)
+    cu = _cu(q_lens, dev)
     scale = 1 / math.sqrt(D)
     ref = at.kv4_mixed_attention_flash_ref(q, cache, bt, sl, cu, scale, max(q_lens), had_size=had)
     seen = []
@@ -333,7 +334,7 @@ def test_mixed_flash_cpu(had):
             ks, vs = kc.kv4_cache_gather_ref(cache, bt[i], L, D)
             torch.testing.assert_close(k[c[i]:c[i + 1]], ks, rtol=0, atol=1e-6)
             torch.testing.assert_close(v[c[i]:c[i + 1]], vs, rtol=0, atol=1e-6)
-    fresh = torch.zeros(q.shape[0], dtype=torch.bool)
+    fresh = torch.zeros(q.shape[0], dtype=torch.bool, device=dev)
     for i, (L, n) in enumerate(zip(seq_lens, q_lens)):
         fresh[c[i]:c[i + 1]] = L == n
     p = at.kv4_prefill_attention(q, cache, bt, sl, cu, scale, max(q_lens), had_size=had,
