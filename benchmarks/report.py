@@ -91,6 +91,7 @@ FILES = {"accuracy": "accuracy/*.json",                       # those holding "j
          "kurtosis": "accuracy/*_kurtosis.json",
          "kernels": "kernels/*_gemm.json",                    # whole runs; parts end _gemm_part_*
          "throughput": "serving/*_throughput.json",           # serving_bench.py
+         "latency": "serving/*_latency.json",                 # serving_bench.py, lat1/lat16 runs only
          "served_accuracy": "serving/*/served_accuracy_*.json",
          "server_check": "serving/*_server_check.json",
          "server_overhead": "serving/*_server_overhead.json",
@@ -259,8 +260,9 @@ def _serving_file(runs, kv4_default: str | None = None):
 
 
 def serving_section(files):
-    """Per serving_bench.py raw file (one machine's runs each), plus the headline: the newest
-    file's numbers, completed from the newest files that have what it lacks."""
+    """Per serving_bench.py raw file (one machine's runs each; throughput and latency files),
+    plus the headline: the newest file's numbers, completed from the newest files that have what
+    it lacks (batch-1 latency from the newest file that measured it)."""
     by_file = {}
     for path in files:
         d = _load(path)
@@ -593,6 +595,9 @@ def write_report(summary, acc_table, kernel_rows, path, plots=()):
                 L.append(f"| {key} | {'' if v is None else f'{v:.0f}'} | {ratio(v, tp.get('bf16'))} | "
                          f"{ratio(v, tp.get('fp8'))} | {l1.get(key, '')} | {l16.get(key, '')} | {wm} | "
                          f"{f.get('kv_capacity_tokens', {}).get(key, '')} |")
+            if f.get("latency_bs1_eager_s"):
+                L += ([""] if tp or l1 or l16 else []) + ["Batch-1 latency with `--enforce-eager`: " + ", ".join(
+                    f"{k} {v:.3f} s" for k, v in f["latency_bs1_eager_s"].items())]
             if f.get("tpkv_output_tok_s"):
                 L += ([""] if tp or l1 or l16 else []) + ["4096 in / 512 out (KV capacity binds): " + ", ".join(
                     f"{k} {v:.0f} output tok/s" for k, v in f["tpkv_output_tok_s"].items())]
@@ -801,7 +806,7 @@ def main(argv=None):
         summary["accuracy"] = acc
     for kpath in find(args.results, "kernels", "date_utc")[-1:]:   # the newest whole run
         summary["kernels"], krows = kernels_section(kpath)
-    serv = serving_section(find(args.results, "throughput"))
+    serv = serving_section(find(args.results, "throughput") + find(args.results, "latency"))
     if serv:
         summary["serving"] = serv
     served = served_section(find(args.results, "served_accuracy", "date"))

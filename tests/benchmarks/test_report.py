@@ -194,3 +194,60 @@ def test_find_orders_by_the_recorded_date_and_skips_parts(tmp_path):
                        ("2026-01-01_2200_h100_gemm.json", "2026-01-01T22:00")):
         (tmp_path / "kernels" / name).write_text(json.dumps({"date_utc": date}))
     assert report.find(str(tmp_path), "kernels", "date_utc")[-1].endswith("2026-01-01_2200_h100_gemm.json")
+
+
+def _lat(avg, batch=1, cfg="bf16"):
+    return {"kind": f"lat{batch}", "config": cfg, "rc": 0,
+            "cmd": f"vllm bench latency --input-len 512 --output-len 128 --batch-size {batch}",
+            "result": {"avg_latency": avg}}
+
+
+def test_latency_comes_from_the_newest_latency_file(tmp_path, monkeypatch):
+    """Throughput and latency live in separate files: the headline's throughput comes from the
+    newest throughput file, its batch-1 latency from the newest file (by recorded date, not by
+    name) with batch-1 runs; a file holding only an eager run is not a latency headline."""
+    import json
+    report = load_script("report")
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    (tmp_path / "serving").mkdir()
+    tp = {"rc": 0, "cmd": "bench", "prompt_tokens": 400 * 1024, "output_tokens": 400 * 256,
+          "result": {"num_requests": 400, "elapsed_time": 10.0}}
+    inv = lambda date: [{"date": date, "device": "H100", "command": "serving_bench.py", "versions": {}}]
+    docs = {"2026-01-03_throughput.json": {"runs": {"tp:bf16": tp}, "invocations": inv("2026-01-03T00:00")},
+            "2026-01-01_2300_latency.json": {"runs": {"lat1:bf16": _lat(0.85), "lat1:spinquant_w4a4kv16":
+                                                      _lat(0.52, cfg="spinquant_w4a4kv16")},
+                                             "invocations": inv("2026-01-01T23:00")},
+            "2026-01-01_0900_latency.json": {"runs": {"lat1:bf16": _lat(0.80), "lat16:bf16": _lat(1.1, 16)},
+                                             "invocations": inv("2026-01-01T09:00")},
+            "2026-01-02_latency.json": {"runs": {"lat1:spinquant_w4a4kv16+eager": _lat(5.4)},
+                                        "invocations": inv("2026-01-02T00:00")}}
+    for name, doc in docs.items():
+        (tmp_path / "serving" / name).write_text(json.dumps(doc))
+    assert [p.rsplit("/", 1)[1] for p in report.find(str(tmp_path), "latency")] == [
+        "2026-01-01_0900_latency.json", "2026-01-01_2300_latency.json", "2026-01-02_latency.json"]
+    s = report.serving_section(report.find(str(tmp_path), "throughput") + report.find(str(tmp_path), "latency"))
+    assert s["headline_source"] == "serving/2026-01-03_throughput.json" and s["output_tok_s"] == {"bf16": 10240.0}
+    assert s["latency_source"] == "serving/2026-01-01_2300_latency.json"
+    assert s["latency_bs1_s"] == {"bf16": 0.85, "spinquant_w4a4kv16": 0.52} and "latency_bs16_s" not in s
+    assert s["by_file"]["serving/2026-01-02_latency.json"]["latency_bs1_eager_s"] == {"spinquant_w4a4kv16+eager": 5.4}
+    md = tmp_path / "R.md"
+    report.write_report({"serving": s}, [], [], str(md))
+    text = md.read_text()
+    assert "`vllm bench latency` batch 1, 512/128 (`serving/2026-01-01_2300_latency.json`): W4A4KV16 0.520 s" in text
+    assert "| bf16 |  |  |  | 0.8 | 1.1 |" in text   # the older latency file keeps its own table
+    assert "### `serving/2026-01-02_latency.json`\n\nBatch-1 latency with `--enforce-eager`: " \
+           "spinquant_w4a4kv16+eager 5.400 s" in text
+
+
+def test_report_main_reads_the_latency_files(tmp_path):
+    import json
+    pytest.importorskip("matplotlib")
+    report = load_script("report")
+    (tmp_path / "serving").mkdir()
+    (tmp_path / "serving" / "2026-01-01_llama3-8b_latency.json").write_text(json.dumps(
+        {"runs": {"lat1:bf16": _lat(0.85), "lat1:spinquant_w4a4kv16": _lat(0.50, cfg="spinquant_w4a4kv16")},
+         "invocations": [{"date": "2026-01-01T00:00", "device": "H100", "command": "c", "versions": {}}]}))
+    report.main(["--results", str(tmp_path)])
+    serving = json.loads((tmp_path / "summary.json").read_text())["serving"]
+    assert serving["latency_bs1_s"] == {"bf16": 0.85, "spinquant_w4a4kv16": 0.5}
+    assert "(issue target <= 0.6x bf16: met)" in (tmp_path / "REPORT.md").read_text()
