@@ -381,7 +381,7 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int = DEFAULT_
     Depends only on the batch shape (not on sequence lengths), so a CUDA graph
     captured for a batch size stays valid for every context length (short
     contexts leave the extra splits empty, see ``min_split``). Measured on the
-    H100 (benchmarks/results/kv_attention_h100_run1.json sweep): 32 splits at
+    H100 (benchmarks/results/kv_attention/2026-11-22_1718_h100.json sweep): 32 splits at
     batch 1 and 8 at batch 32 with 8 kv heads were the fastest at 4k-16k.
     """
     progs = max(1, num_seqs * num_kv_heads)
