@@ -5,7 +5,8 @@ All baselines run side by side in one invocation, timed with
 
 * hadamard_quant (fused block Hadamard + per-token int4 quantization) vs a
   device copy that moves the same bytes (read x, write codes + scale + zero);
-* the W4A4 layer (hadamard_quant + w4a4_gemm, int8 and fp8 MMA) vs cuBLAS bf16
+* the W4A4 layer (hadamard_quant + w4a4_gemm on int8 MMA, activations packed two
+  codes per byte or one code per byte) vs cuBLAS bf16
   ``x @ w.T``, ``torch._scaled_mm`` fp8 with row-wise scales (GEMM only, and
   with the per-token fp8 quantization of x in PyTorch), ``torch._int_mm`` int8;
 * the W4A4 GEMM alone and the W4A16 GEMM at decode sizes, for reference.
@@ -42,8 +43,7 @@ SHAPES = [  # name, K, N, had_size (Llama-3-8B)
 SMOKE_SHAPES = [("smoke", 256, 64, 256), ("smoke0", 128, 48, 0)]  # CPU check of this script (--smoke)
 MS = [1, 16, 64, 256, 1024, 2048, 4096, 8192]
 CHECK_ROWS = 64
-LAYER_TAGS = ("int8", "fp8", "unpacked")  # packed int4 A on int8 / fp8 MMA; int4 codes one per byte
-FUSED_MAX_M = 16  # the in-GEMM quantization variant is timed up to this M (w4ax_linear does not use it)
+LAYER_TAGS = ("int8", "unpacked")  # packed int4 activations; int4 codes one per byte (both int8 MMA)
 HEADLINE = "int8"  # the variant w4ax_linear runs: the ratios in "Targets" use it
 # Published dense peaks of the H100 SXM (TFLOP/s or TOPS): the ceilings in the table.
 PEAK = {"bf16": 989.0, "fp8": 1979.0, "int8": 1979.0}
@@ -106,9 +106,8 @@ def run(args, dump=None) -> dict:
     from spinquant_kernels import format as fmt
     from spinquant_kernels import w4a4_gemm as gemm_mod
     from spinquant_kernels.hadamard_quant import hadamard_quant
-    from spinquant_kernels.hadamard_quant import quotient_mode as hqm_mode
     from spinquant_kernels.linear import PackedW4, prepare_w4
-    from spinquant_kernels.w4a4_gemm import w4a4_gemm, w4a4_matmul_exact, w4a4_quant_gemm, w4a16_gemm
+    from spinquant_kernels.w4a4_gemm import w4a4_gemm, w4a4_matmul_exact, w4a16_gemm
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
@@ -120,8 +119,6 @@ def run(args, dump=None) -> dict:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "timing": ("median over replays of one CUDA graph of >= 8 calls (no host launch overhead), "
                    "operands cycled through copies that exceed 2x L2; microseconds per call"),
-        # the kernel settings read from the environment at launch
-        "settings": {"hq_quotient": hqm_mode(), "tune_split_k": gemm_mod.TUNE_SPLIT_K},
         "rows": [],
     }
     t_start = time.time()
@@ -159,24 +156,18 @@ def run(args, dump=None) -> dict:
             r = min(M, CHECK_ROWS)
             ref = w4a4_matmul_exact(qu[:r], s[:r], z[:r], qw_d, pw0.scale)
             row["hq_pack_consistent"] = bool(torch.equal(fmt.pack_int4(qu), q))
-            for tag, a, mma in (("int8", q, "int8"), ("fp8", q, "fp8"), ("unpacked", qu, "int8")):
-                y = w4a4_gemm(a, s, z, pw0, torch.float32, mma=mma)
+            for tag, a in (("int8", q), ("unpacked", qu)):
+                y = w4a4_gemm(a, s, z, pw0, torch.float32)
                 row[f"exact_{tag}"] = bool(torch.equal(y[:r], ref))
             # ---- W4A4: GEMM alone and the full layer ---------------------------
-            for tag, mma, packed in (("int8", "int8", True), ("fp8", "fp8", True), ("unpacked", "int8", False)):
+            for tag, packed in (("int8", True), ("unpacked", False)):
                 a = q if packed else qu
                 row[f"w4a4_gemm_{tag}_us"] = _bench(
-                    [(lambda w_=w_: w4a4_gemm(a, s, z, w_, torch.bfloat16, mma=mma)) for w_ in pws], R)
+                    [(lambda w_=w_, a=a: w4a4_gemm(a, s, z, w_, torch.bfloat16)) for w_ in pws], R)
                 row[f"w4a4_layer_{tag}_us"] = _bench(
-                    [(lambda w_=w_, x_=x_: w4a4_gemm(*hadamard_quant(x_, had, 4, pack=packed), w_,
-                                                      torch.bfloat16, mma=mma))
+                    [(lambda w_=w_, x_=x_, packed=packed: w4a4_gemm(*hadamard_quant(x_, had, 4, pack=packed), w_,
+                                                                    torch.bfloat16))
                      for w_, x_ in _cycle2(pws, xs_)], R)
-            if M <= FUSED_MAX_M and not had:
-                # decode path: quantization inside the GEMM (what w4ax_linear runs here)
-                yf = w4a4_quant_gemm(x, pw0, torch.float32)
-                row["exact_fused"] = bool(torch.equal(yf, w4a4_gemm(q, s, z, pw0, torch.float32)))
-                row["w4a4_layer_fused_us"] = _bench(
-                    [(lambda w_=w_, x_=x_: w4a4_quant_gemm(x_, w_, torch.bfloat16)) for w_, x_ in _cycle2(pws, xs_)], R)
             if M <= 64:
                 row["w4a16_gemm_us"] = _bench([(lambda w_=w_: w4a16_gemm(x, w_)) for w_ in pws], R)
             # ---- baselines -----------------------------------------------------
@@ -213,21 +204,18 @@ def _hq_sweep(R):
     """hadamard_quant launch heuristics at M = 4096 for the two kinds of K (us per call)."""
     from spinquant_kernels import hadamard_quant as hqm
     out = []
-    keep = dict(hqm.TUNING)
     for K, had in ((14336, 14336), (4096, 0)):
         x = torch.randn(4096, K, device="cuda").to(torch.bfloat16)
         xs_ = [x] + [x.clone() for _ in range(_copies(x.numel() * 2) - 1)]
         for warps in (4, 8, 16):
             for pps in (1, 2, 8):
-                hqm.TUNING.update(num_warps=warps, programs_per_sm=pps)
                 try:
-                    t = _bench([(lambda x_=x_: hqm.hadamard_quant(x_, had, 4)) for x_ in xs_], R)
+                    t = _bench([(lambda x_=x_, w=warps, p=pps: hqm.hadamard_quant(
+                        x_, had, 4, programs_per_sm=p, num_warps=w)) for x_ in xs_], R)
                 except Exception as e:  # a launch that does not fit is a result too
                     t = f"{type(e).__name__}: {e}"[:200]
                 out.append({"K": K, "had_size": had, "num_warps": warps, "programs_per_sm": pps, "us": t})
                 print("hq sweep", out[-1], flush=True)
-    hqm.TUNING.clear()
-    hqm.TUNING.update(keep)
     return out
 
 
@@ -279,21 +267,18 @@ def markdown(res: dict) -> str:
     tags = [t for t in LAYER_TAGS if rows and f"w4a4_layer_{t}_us" in rows[0]]
     out = [f"# Kernel benchmark: {res['device']}", "",
            f"torch {res['torch']}, triton {res['triton']}, {res['date_utc']}; "
-           f"command `{res['command']}`. Timing: {res['timing']}."
-           + (f" Kernel settings: {res['settings']}." if res.get("settings") else ""), "",
-           "Layer = everything from bf16 x to bf16 y. W4A4 layer = hadamard_quant + w4a4_gemm: `int8` packed "
-           "int4 activations on int8 MMA, `fp8` the same on fp8 MMA, `unpacked` int4 codes written one per byte "
-           "by hadamard_quant and read by the int8-MMA kernel (weights always packed int4), `fused` (decode, "
-           "M <= 16, no Hadamard) the GEMM quantizing its own rows in one launch. Ratios (`vs ...`) use "
-           "the `int8` layer, the path `w4ax_linear` runs. "
+           f"command `{res['command']}`. Timing: {res['timing']}.", "",
+           "Layer = everything from bf16 x to bf16 y. W4A4 layer = hadamard_quant + w4a4_gemm on int8 MMA: "
+           "`int8` packed int4 activations (the path `w4ax_linear` runs; the ratios use it), `unpacked` int4 "
+           "codes written one per byte by hadamard_quant (weights always packed int4). "
            "fp8 layer = per-token fp8 quantization in PyTorch + `torch._scaled_mm`; fp8 GEMM = `torch._scaled_mm` "
            "alone (x already fp8); bf16 = cuBLAS `x @ w.T` (no Hadamard, as in the bf16 model); "
            "int8 = `torch._int_mm` alone (M > 16 only). Times in microseconds.", "",
            "| shape | M | bf16 | fp8 GEMM | fp8 layer | int8 GEMM | "
            + " | ".join(f"W4A4 GEMM {t}" for t in tags) + " | "
            + " | ".join(f"W4A4 layer {t}" for t in tags)
-           + " | W4A4 layer fused | vs bf16 | vs fp8 GEMM | vs fp8 layer | hq / copy | exact |",
-           "|---|---:|" + "---:|" * (4 + 2 * len(tags) + 5) + "---|"]
+           + " | vs bf16 | vs fp8 GEMM | vs fp8 layer | hq / copy | exact |",
+           "|---|---:|" + "---:|" * (4 + 2 * len(tags) + 4) + "---|"]
     for r in rows:
         best = _best(r)
         i8 = f"{r['int8_gemm_us']:.1f}" if "int8_gemm_us" in r else "-"
@@ -301,7 +286,6 @@ def markdown(res: dict) -> str:
             f"| {r['shape']} | {r['M']} | {r['bf16_us']:.1f} | {r['fp8_gemm_us']:.1f} | {r['fp8_layer_us']:.1f} | {i8} | "
             + " | ".join(f"{r[f'w4a4_gemm_{t}_us']:.1f}" for t in tags) + " | "
             + " | ".join(f"{r[f'w4a4_layer_{t}_us']:.1f}" for t in tags)
-            + (f" | {r['w4a4_layer_fused_us']:.1f}" if "w4a4_layer_fused_us" in r else " | -")
             + f" | {r['bf16_us'] / best:.2f}x | {r['fp8_gemm_us'] / best:.2f}x | {r['fp8_layer_us'] / best:.2f}x"
             f" | {r['hq_us'] / r['copy_us']:.2f} | "
             f"{all(r[k] for k in r if k.startswith('exact_')) and r.get('hq_pack_consistent', True)} |")
@@ -360,7 +344,7 @@ def markdown(res: dict) -> str:
             us = f"{e['us']:.1f}" if isinstance(e["us"], (int, float)) else e["us"]
             out.append(f"| {e['K']} | {e['had_size']} | {e['num_warps']} | {e['programs_per_sm']} | {us} |")
     if res.get("tuned_configs"):
-        out += ["", "## Autotuned tiles (key: M bucket, N, K/2, act bits, fp8)", ""]
+        out += ["", "## Autotuned tiles (key: M bucket, N, K/2, act bits)", ""]
         out += [f"- `{k}`: {v}" for k, v in sorted(res["tuned_configs"].items())]
     return "\n".join(out) + "\n"
 
@@ -373,8 +357,7 @@ def merge_runs(paths: list[str]) -> dict:
     for path in paths:
         with open(path) as f:
             runs.append(json.load(f))
-    for key in ("device", "torch", "triton", "timing", "settings"):
-        # values may be dicts (settings): compare their canonical JSON
+    for key in ("device", "torch", "triton", "timing"):
         seen = {json.dumps(r.get(key), sort_keys=True) for r in runs}
         if len(seen) > 1:
             raise ValueError(f"cannot merge kernel runs with different {key!r}: {sorted(seen)}")
