@@ -16,8 +16,9 @@ from spinquant_kernels import hadamard as had
 
 BASES = [1, 2] + had.supported_base_orders()
 # Model dimensions (head dims, hidden and intermediate sizes of Llama / Mistral
-# / Qwen / SmolLM families) that must be supported.
-MODEL_SIZES = [64, 128, 576, 1536, 4864, 11008, 14336, 18944]
+# / Qwen / SmolLM families) that must be supported; 896 is Qwen2.5-0.5B's hidden,
+# 28672 Llama-3-70B's intermediate.
+MODEL_SIZES = [64, 128, 576, 896, 1536, 4864, 11008, 14336, 18944, 28672]
 # Small enough to materialise and square exactly within the time budget.
 SMALL_SIZES = sorted({n for n in MODEL_SIZES if n <= 1536}
                      | {m * 2 ** k for m in BASES for k in (0, 1, 2)})
@@ -98,6 +99,38 @@ def test_model_sizes_sampled_rows(n):
     gram = exact @ exact.T                                     # integers: exact in fp64
     expect = n * (idx[:, None] == idx[None, :]).to(torch.float64)
     assert torch.equal(gram, expect)
+
+
+def test_full_size_r4_of_qwen2_is_exact_and_orthonormal():
+    """Qwen2.5-0.5B's R4 over its whole intermediate 4864 = 76 x 64, materialised."""
+    n = 4864
+    assert had.decompose(n) == (76, 64)
+    H = had.hadamard_matrix(n, normalized=False)
+    assert torch.equal(H, torch.kron(had.base_hadamard(76), had.hadamard_matrix(64, normalized=False)))
+    assert bool(((H == 1) | (H == -1)).all())
+    # +-1 entries and |sums| <= 4864 < 2^24: the float32 Gram matrix is exact (and 8x cheaper)
+    H32 = H.float()
+    assert torch.equal(H32 @ H32.T, n * torch.eye(n))
+    R = had.hadamard_matrix(n)
+    assert torch.equal(R, H / math.sqrt(n))  # so R R^T = I up to the rounding of 1/sqrt(n)
+
+
+@pytest.mark.parametrize("n, shards", [
+    (4864, {1: (76, 64), 2: (76, 32), 4: (76, 16), 8: (76, 8)}),          # Qwen2.5-0.5B
+    (28672, {1: (28, 1024), 2: (28, 512), 4: (28, 256), 8: (28, 128)}),   # Llama-3-70B
+])
+def test_r4_blocks_of_tensor_parallel_shards(n, shards):
+    """Each rank of a TP-t down_proj holds n / t columns; a block of that order is a Hadamard."""
+    for t, mp in shards.items():
+        assert had.decompose(n // t) == mp
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, n, generator=g, dtype=torch.float64)
+    y = had.hadamard_transform_ref(x, n // 8)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), atol=1e-12, rtol=0)
+    # block-diagonal: each shard's block transforms on its own
+    blk = n // 8
+    torch.testing.assert_close(y[:, blk:2 * blk], had.hadamard_transform_ref(x[:, blk:2 * blk]),
+                               atol=1e-14, rtol=0)
 
 
 @pytest.mark.parametrize("n", [9, 14, 15, 188, 1000, 7 * 3 * 16])
