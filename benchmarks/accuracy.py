@@ -157,7 +157,7 @@ def main(argv=None):
         model = copy.deepcopy(base)
         if method == "fp16":
             kurt["fp16"] = evaluate.kurtosis(fake_quant.install(
-                _fused(model), fmt.SpinQuantConfig(act_bits=16, kv_bits=16)), eval_ids, seqlen=args.seqlen)
+                _fused(model), fmt.SpinQuantConfig(act_bits=16, kv_bits=16, rotation="none")), eval_ids, seqlen=args.seqlen)
             model = copy.deepcopy(base)
             evaluate_model(model, bits, seed, rec)
         else:

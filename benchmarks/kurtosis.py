@@ -37,8 +37,9 @@ def rotated_view(base, R1, R2s, r4_size):
     rotation.fuse_norms(m)
     if R1 is not None:
         rotation.absorb_rotations(m, R1, R2s, r4_size)
-    return fake_quant.install(m, fmt.SpinQuantConfig(act_bits=16, kv_bits=16,
-                                                     r4_size=r4_size if R1 is not None else 0))
+    if R1 is None:
+        return fake_quant.install(m, fmt.SpinQuantConfig(act_bits=16, kv_bits=16, rotation="none"))
+    return fake_quant.install(m, fmt.SpinQuantConfig(act_bits=16, kv_bits=16, r4_size=r4_size))
 
 
 def main(argv=None):

@@ -10,9 +10,11 @@ configuration. Results go to ``serving_sweep_raw.json`` under ``--out``
 table and plots.
 
 Configurations are given as ``NAME=COMMAND`` where COMMAND is a server command
-line with ``{port}`` (and optionally ``{models}``) in it, e.g. on the H100:
+line with ``{port}`` (and optionally ``{models}``) in it, e.g. on an H100 with vLLM 0.26 and this
+project installed:
 
-    python3 benchmarks/serving_sweep.py --out $OUT --models .gpu-carry/llama8b \
+    python benchmarks/models.py --out /tmp/models --only llama3-8b
+    python3 benchmarks/serving_sweep.py --out $OUT --models /tmp/models/llama3-8b \
       --config "bf16=vllm serve {models}/bf16 --tokenizer {models}/tokenizer --load-format dummy --port {port}" \
       --config "spinquant_w4a4kv16=vllm serve {models}/spinquant_w4a4kv16 --tokenizer {models}/tokenizer \
                 --load-format dummy --port {port}"
