@@ -110,7 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotations.pt of an earlier learned run: reuse its R1/R2 instead of learning "
                         "(needs --rotation learned)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    _add_dataclass_flags(q.add_argument_group("quantization"), fmt.SpinQuantConfig, _CONFIG_FLAGS)
+    quant = q.add_argument_group("quantization")
+    _add_dataclass_flags(quant, fmt.SpinQuantConfig, _CONFIG_FLAGS)
+    quant.add_argument("--tensor-parallel-sizes", "--tp", dest="tensor_parallel_sizes",
+                       type=_tp_sizes, default=_default(fmt.SpinQuantConfig, "tensor_parallel_sizes"),
+                       metavar="T[,T...]",
+                       help="tensor-parallel degrees the checkpoint must serve at (vLLM "
+                            "--tensor-parallel-size), e.g. 1,2,4,8: without --r4-size, R4 gets the "
+                            "largest Hadamard order dividing intermediate / lcm(T) so that every rank's "
+                            "shard holds whole blocks; with it, each T is checked. quantization_config"
+                            ".tensor_parallel_sizes records every degree the blocks fit (vLLM also "
+                            "needs T to divide the attention heads)")
     _add_dataclass_flags(q.add_argument_group("pipeline (defaults: the paper's settings)"), PipelineOptions)
     q.set_defaults(func=_quantize, subparser=q)
 
@@ -141,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------
 # validation helpers (each failure -> parser.error -> exit status 2)
 # ----------------------------------------------------------------------------
+def _tp_sizes(text: str) -> tuple[int, ...]:
+    """``"1,2,4,8"`` -> ``(1, 2, 4, 8)``; argparse turns the ValueError into exit status 2."""
+    try:
+        sizes = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated ints >= 1 (e.g. 1,2,4,8), got {text!r}") from None
+    if any(t < 1 for t in sizes):
+        raise argparse.ArgumentTypeError(f"must be ints >= 1, got {text!r}")
+    return sizes
+
+
 def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
     import torch
 
@@ -174,6 +196,7 @@ def _quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         cfg = fmt.SpinQuantConfig.from_preset(
             args.bits, rotation=args.rotation, weight_method=args.weights,
+            tensor_parallel_sizes=args.tensor_parallel_sizes,
             **{k: getattr(args, k) for k in _CONFIG_FLAGS})
         opts = pipeline.PipelineOptions(**{f.name: getattr(args, f.name)
                                            for f in dataclasses.fields(pipeline.PipelineOptions)
@@ -184,9 +207,15 @@ def _quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     kw = {"overwrite": args.overwrite}
     if args.rotations is not None:
         kw["rotations_path"] = args.rotations
-    meta = pipeline.quantize(args.model, args.out, cfg, opts, **kw)
+    try:
+        meta = pipeline.quantize(args.model, args.out, cfg, opts, **kw)
+    except pipeline.ConfigMismatchError as e:  # r4_size / tensor parallel sizes vs the model
+        parser.error(str(e))
+    written = (meta or {}).get("config", {})
     print(json.dumps({"checkpoint": os.path.abspath(args.out), "config": cfg.preset,
                       "rotation": cfg.rotation.value, "weights": cfg.weight_method.value,
+                      "r4_size": written.get("r4_size"),
+                      "tensor_parallel_sizes": written.get("tensor_parallel_sizes"),
                       "wall_s": round(time.time() - t0, 1),
                       "timings_s": (meta or {}).get("timings_s")}, indent=2, default=str))
     return 0
@@ -227,7 +256,8 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if os.path.isdir(args.ckpt) and _is_checkpoint(args.ckpt):
         try:
             model, tokenizer, cfg = load_checkpoint(args.ckpt, dtype=torch.float32, device=args.device)
-        except CheckpointError as e:
+        # CheckpointError: corrupt files; ValueError: a config that does not fit the model
+        except (CheckpointError, ValueError) as e:
             parser.error(f"CKPT {args.ckpt!r} refused: {e}")
         result["quantization"] = cfg.to_dict()
     else:

@@ -157,12 +157,16 @@ def _register_attention() -> None:
 def install(model: nn.Module, cfg: fmt.SpinQuantConfig) -> nn.Module:
     """Wrap the quantized projections in :class:`QuantLinear` and set up KV quant (in place).
 
-    ``cfg`` must be resolved (``pipeline.resolve_config``). The projections of
-    ``format.R4_PROJECTIONS`` (down_proj) get the online Hadamard ``cfg.r4_size``;
+    ``cfg`` must be resolved (``pipeline.resolve_config``) and fit the model
+    (``SpinQuantConfig.check_intermediate_size``). The projections of
+    ``format.R4_PROJECTIONS`` (down_proj) get the online Hadamard ``cfg.r4_size``
+    (block-diagonal: the blocks a tensor-parallel checkpoint is served with);
     Q/K get ``cfg.r3_size`` after RoPE; K/V are fake-quantized when
     ``cfg.kv_bits < 16``. Idempotent: an installed model is updated to ``cfg``.
     """
     cfg.require_resolved("fake_quant.install")
+    # the blocks the runtime applies are the checkpoint's; they must tile this model
+    cfg.check_intermediate_size(model.config.intermediate_size)
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, lin in quantized_projections(parent):

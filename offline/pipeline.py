@@ -9,6 +9,8 @@ Phase 2 (:func:`quantize`): the same from a model path, then
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import time
 
 import torch
@@ -47,6 +49,11 @@ class PipelineOptions:
             raise ValueError(f"PipelineOptions.lr must be > 0, got {self.lr!r}")
 
 
+class ConfigMismatchError(ValueError):
+    """A config that does not fit the model: a block size or tensor-parallel degree that does not
+    divide the model's dimension, or that no Hadamard construction here has (sizes named)."""
+
+
 def resolve_config(model: nn.Module, cfg: fmt.SpinQuantConfig) -> fmt.SpinQuantConfig:
     """``cfg`` with its online Hadamard sizes resolved for ``model`` (no ``None`` left).
 
@@ -54,23 +61,63 @@ def resolve_config(model: nn.Module, cfg: fmt.SpinQuantConfig) -> fmt.SpinQuantC
     whole intermediate dimension and, when the KV cache is quantized, R3 over
     head_dim (``SpinQuantConfig`` already gives rotation ``none`` and 16-bit KV
     caches their zeros). A given size is checked: it must divide the
-    model's dimension and be a Hadamard order this package builds.
+    model's dimension and be a Hadamard order this package builds. Refusals
+    are :class:`ConfigMismatchError` naming the sizes.
+
+    ``cfg.tensor_parallel_sizes`` (the degrees asked for) shapes R4: each degree
+    must divide the intermediate size; R4 derived with degrees asked for is the
+    largest Hadamard order dividing ``intermediate / lcm(degrees)`` (so every
+    rank's shard holds whole blocks), a given one must divide each
+    ``intermediate / t``. The result records every degree the R4 blocks fit
+    (``SpinQuantConfig.r4_tensor_parallel_sizes``).
     """
     inter, hd = model.config.intermediate_size, rotation.head_dim(model)
-    r4 = inter if cfg.r4_size is None else cfg.r4_size
+    asked = cfg.tensor_parallel_sizes or ()
+    for t in asked:
+        if inter % t:
+            raise ConfigMismatchError(
+                f"tensor parallel size {t} must divide the model's intermediate_size {inter} "
+                f"(each rank holds intermediate / t columns of down_proj)")
+    span = functools.reduce(math.lcm, asked, 1)  # divides inter, as every degree does
+    if cfg.r4_size is not None:
+        r4 = cfg.r4_size
+    else:  # the whole intermediate dimension (the paper's R4) unless degrees were asked for
+        r4 = largest_hadamard_order(inter // span) if asked else inter
     r3 = hd if cfg.r3_size is None else cfg.r3_size
     for name, size, dim, dim_name in (("r4_size", r4, inter, "intermediate_size"),
                                       ("r3_size", r3, hd, "head_dim")):
         if not size:
             continue
         if dim % size:
-            raise ValueError(f"{name} {size} must divide the model's {dim_name} {dim}")
+            raise ConfigMismatchError(f"{name} {size} must divide the model's {dim_name} {dim}")
         try:
             decompose(size)
         except ValueError as e:
             origin = f"the model's {dim_name}" if getattr(cfg, name) is None else "as given"
-            raise ValueError(f"{name} {size} ({origin}): {e}; give a block size that is one") from None
-    return dataclasses.replace(cfg, r4_size=r4, r3_size=r3)
+            raise ConfigMismatchError(
+                f"{name} {size} ({origin}): {e}; give a block size that is one") from None
+    for t in asked:
+        if r4 and (inter // t) % r4:
+            raise ConfigMismatchError(
+                f"r4_size {r4} does not fit tensor parallel size {t}: each rank holds "
+                f"{inter // t} of the intermediate_size {inter} columns, which {r4} does not divide; "
+                f"leave --r4-size unset to derive one or give a Hadamard order dividing "
+                f"{inter // span}")
+    out = dataclasses.replace(cfg, r4_size=r4, r3_size=r3)
+    return dataclasses.replace(out, tensor_parallel_sizes=out.r4_tensor_parallel_sizes(inter))
+
+
+def largest_hadamard_order(n: int) -> int:
+    """The largest divisor of ``n`` that is a Hadamard order this package builds
+    (``spinquant_kernels.hadamard.decompose``); 1 at worst."""
+    for d in range(n, 0, -1):
+        if n % d == 0:
+            try:
+                decompose(d)
+            except ValueError:
+                continue
+            return d
+    raise ValueError(f"largest_hadamard_order needs an int >= 1, got {n!r}")
 
 
 def learning_weight_bits(cfg: fmt.SpinQuantConfig) -> int | None:

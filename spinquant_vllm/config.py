@@ -192,6 +192,10 @@ class SpinQuantVllmConfig(QuantizationConfig):
             raise ValueError(
                 f"quantization_config.r4_size={r4} must divide the model's intermediate_size "
                 f"({inter}): the online Hadamard on the down_proj input is block-diagonal")
+        if isinstance(inter, int):
+            # tensor_parallel_sizes is derived from r4_size and intermediate_size; a
+            # recorded set that disagrees names the wrong degrees in start-up errors
+            self.cfg.check_intermediate_size(inter)
         head_dim = getattr(text, "head_dim", None)
         if head_dim is None and getattr(text, "num_attention_heads", None):
             head_dim = getattr(text, "hidden_size", 0) // text.num_attention_heads

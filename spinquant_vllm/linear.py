@@ -145,13 +145,18 @@ class SpinQuantLinearMethod(LinearMethodBase):
                 f"{input_size}, tensor parallel size {tp}); {fmt.PACK_FACTOR} int4 codes share a "
                 f"byte, so K must be a multiple of {fmt.PACK_FACTOR}")
         if self.had_size and K % self.had_size:
+            cfg = self.quant_config.cfg
+            fits = (cfg.tensor_parallel_sizes if cfg.tensor_parallel_sizes is not None
+                    else cfg.r4_tensor_parallel_sizes(input_size))
             raise ValueError(
                 f"spinquant: {self.prefix}: the online Hadamard R4 is block-diagonal with "
                 f"r4_size={self.had_size} over the intermediate dimension ({input_size}); with "
                 f"tensor parallel size {tp} each rank holds {K} columns, which r4_size must "
-                f"divide ({K} % {self.had_size} = {K % self.had_size}). Use a tensor parallel "
-                f"size t with ({input_size} / t) % {self.had_size} == 0, or re-quantize with an "
-                f"r4_size that divides {K} (the offline stage absorbs the same blocks)")
+                f"divide ({K} % {self.had_size} = {K % self.had_size}). This checkpoint serves "
+                f"at tensor parallel sizes {list(fits)} (quantization_config."
+                f"tensor_parallel_sizes); for {tp}, re-quantize with `spinquant quantize "
+                f"--tensor-parallel-sizes {tp}` (an r4_size dividing {K}: the offline stage "
+                f"absorbs the same blocks)")
         # Structural checks of the kernel package (act_bits, had_size order):
         # the reference backend accepts every shape the format allows.
         ok, why = can_implement("reference", torch.device("cpu"), self.act_bits, K, N, self.had_size)

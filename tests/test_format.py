@@ -396,3 +396,54 @@ def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.r4_size = 64
     assert cfg.act_bits == 4 and hash(cfg) == hash(fmt.SpinQuantConfig())
+
+
+# ----------------------------------------------------------------------------
+# tensor_parallel_sizes: the degrees whose intermediate shard holds whole R4 blocks
+# ----------------------------------------------------------------------------
+def test_tensor_parallel_sizes_round_trip_and_old_configs_still_load():
+    cfg = fmt.SpinQuantConfig(r4_size=192, r3_size=64, tensor_parallel_sizes=[8, 1, 4, 2])
+    assert cfg.tensor_parallel_sizes == (1, 2, 4, 8) and cfg.resolved    # sorted, a tuple
+    d = json.loads(cfg.to_json())
+    assert d["tensor_parallel_sizes"] == [1, 2, 4, 8]
+    assert fmt.SpinQuantConfig.from_dict(d) == cfg
+    # written before the field existed (and configs that do not record it): the key is absent
+    old = fmt.SpinQuantConfig(**RESOLVED)
+    assert "tensor_parallel_sizes" not in old.to_dict()
+    assert fmt.SpinQuantConfig.from_dict(old.to_dict()).tensor_parallel_sizes is None
+
+
+def test_tensor_parallel_sizes_are_derived_from_r4_size_and_checked():
+    cfg = fmt.SpinQuantConfig(r4_size=192, r3_size=64)
+    assert cfg.r4_tensor_parallel_sizes(1536) == (1, 2, 4, 8)
+    assert fmt.SpinQuantConfig(**RESOLVED).r4_tensor_parallel_sizes(1536) == (1,)
+    assert fmt.SpinQuantConfig(r4_size=128, r3_size=64).r4_tensor_parallel_sizes(1536) == (1, 2, 3, 4, 6, 12)
+    assert fmt.SpinQuantConfig(rotation="none").r4_tensor_parallel_sizes(12) == (1, 2, 3, 4, 6, 12)
+    cfg.check_intermediate_size(1536)                                   # nothing recorded: fits
+    dataclasses.replace(cfg, tensor_parallel_sizes=(1, 2, 4, 8)).check_intermediate_size(1536)
+    with pytest.raises(ValueError, match=r"tensor_parallel_sizes=\[1, 2\] does not match r4_size=192 and "
+                                         r"intermediate_size 1536.*are \[1, 2, 4, 8\]"):
+        dataclasses.replace(cfg, tensor_parallel_sizes=(1, 2)).check_intermediate_size(1536)
+    with pytest.raises(ValueError, match=r"r4_size 192 must divide intermediate_size 1000"):
+        cfg.check_intermediate_size(1000)
+    with pytest.raises(ValueError, match="needs a resolved r4_size"):
+        fmt.SpinQuantConfig().r4_tensor_parallel_sizes(1536)
+
+
+@pytest.mark.parametrize("value", [[], [0, 2], [2.0], "1,2", 4, [True]])
+def test_bad_tensor_parallel_sizes_name_the_field(value):
+    with pytest.raises(ValueError, match=r"SpinQuantConfig\.tensor_parallel_sizes must be .*got"):
+        fmt.SpinQuantConfig(**RESOLVED, tensor_parallel_sizes=value)
+
+
+def test_a_tensor_parallel_request_has_no_checkpoint_form():
+    """At the offline input the field holds the degrees asked for ([2, 4]: not every divisor of 4);
+    resolve_config replaces it by the recorded set, and only that is written or read back."""
+    asked = fmt.SpinQuantConfig(**RESOLVED, tensor_parallel_sizes=(2, 4))
+    assert not asked.resolved
+    with pytest.raises(ValueError, match=r"quantization_config needs SpinQuantConfig\.tensor_parallel_sizes "
+                                         r"as recorded.*got the request \[2, 4\].*resolve_config"):
+        asked.to_dict()
+    d = {**fmt.SpinQuantConfig(**RESOLVED).to_dict(), "tensor_parallel_sizes": [1, 4]}
+    with pytest.raises(ValueError, match=r"got the request \[1, 4\]"):
+        fmt.SpinQuantConfig.from_dict(d)

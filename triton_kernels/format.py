@@ -124,7 +124,10 @@ class SpinQuantConfig:
     replaces it by the model's size, and :meth:`to_dict` / :meth:`from_dict`
     (the checkpoint's form) refuse it. What needs no model is derived here:
     rotation ``none`` has neither R4 nor R3 (both 0), a 16-bit KV cache has no
-    R3 (0).
+    R3 (0). ``tensor_parallel_sizes`` follows ``r4_size``: the tensor-parallel
+    degrees whose intermediate shard holds whole R4 blocks (asked for at the
+    offline input, every one that fits in a checkpoint; see
+    :meth:`r4_tensor_parallel_sizes`).
     """
 
     weight_bits: int = 4
@@ -139,6 +142,14 @@ class SpinQuantConfig:
     # Online Hadamard R3 on Q and K after RoPE: its block size (head_dim, or a
     # divisor). > 0 with a rotation and a quantized KV cache; 0 = not applied.
     r3_size: int | None = None
+    # Tensor-parallel degrees t whose shard of the intermediate dimension
+    # (intermediate / t consecutive columns of down_proj's input) holds whole R4
+    # blocks, sorted. At the offline stage's input: the degrees asked for (None:
+    # none asked), which ``spinquant_offline.pipeline.resolve_config`` fits R4 to
+    # and replaces by every degree that fits (the divisors of intermediate /
+    # r4_size; of intermediate without R4). A checkpoint records that set;
+    # checkpoints written before the field existed omit it (None: derive it).
+    tensor_parallel_sizes: tuple[int, ...] | None = None
     # Activation clipping ratio (1.0 = plain min-max) and KV clipping ratio.
     act_clip: float = 1.0
     kv_clip: float = 1.0
@@ -164,6 +175,7 @@ class SpinQuantConfig:
             raise ValueError("SpinQuantConfig.modules_not_quantized must be a list of names, "
                              f"got the string {self.modules_not_quantized!r}")
         object.__setattr__(self, "modules_not_quantized", tuple(self.modules_not_quantized))
+        self._check_tensor_parallel_sizes()
         for name in ("weight_bits", "act_bits", "kv_bits", "version"):
             v = getattr(self, name)
             if type(v) is not int:
@@ -221,10 +233,63 @@ class SpinQuantConfig:
                              f"{self.rotation.value!r} and kv_bits={self.kv_bits} (the R3 block "
                              f"size; None derives it from the model), got 0")
 
+    def _check_tensor_parallel_sizes(self) -> None:
+        v = self.tensor_parallel_sizes
+        if v is None:
+            return
+        if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+            raise ValueError("SpinQuantConfig.tensor_parallel_sizes must be a list of ints >= 1 "
+                             f"or None, got {v!r}")
+        sizes = tuple(v)
+        bad = [t for t in sizes if type(t) is not int or t < 1]
+        if bad or not sizes:
+            raise ValueError("SpinQuantConfig.tensor_parallel_sizes must be a non-empty list of "
+                             f"ints >= 1 or None, got {list(sizes)!r}")
+        object.__setattr__(self, "tensor_parallel_sizes", tuple(sorted(set(sizes))))
+
+    def r4_tensor_parallel_sizes(self, intermediate_size: int) -> tuple[int, ...]:
+        """The tensor-parallel degrees whose intermediate shard holds whole R4 blocks.
+
+        ``t`` fits when it divides ``intermediate_size`` and ``r4_size`` divides
+        ``intermediate_size / t``: the divisors of ``intermediate_size / r4_size``
+        (of ``intermediate_size`` when ``r4_size`` is 0). Needs a resolved ``r4_size``
+        that divides ``intermediate_size``.
+        """
+        if self.r4_size is None:
+            raise ValueError("r4_tensor_parallel_sizes needs a resolved r4_size, got None")
+        if type(intermediate_size) is not int or intermediate_size < 1:
+            raise ValueError(f"intermediate_size must be an int >= 1, got {intermediate_size!r}")
+        if self.r4_size and intermediate_size % self.r4_size:
+            raise ValueError(f"r4_size {self.r4_size} must divide intermediate_size {intermediate_size}")
+        n = intermediate_size // self.r4_size if self.r4_size else intermediate_size
+        return tuple(t for t in range(1, n + 1) if n % t == 0)
+
+    def check_intermediate_size(self, intermediate_size: int) -> None:
+        """Raise ``ValueError`` unless this checkpoint config fits a model of ``intermediate_size``.
+
+        ``r4_size`` must divide it, and a recorded ``tensor_parallel_sizes`` must be
+        :meth:`r4_tensor_parallel_sizes` (the field is derived; a mismatch means the
+        config was edited or belongs to another model).
+        """
+        derived = self.r4_tensor_parallel_sizes(intermediate_size)
+        if self.tensor_parallel_sizes is not None and self.tensor_parallel_sizes != derived:
+            raise ValueError(
+                f"quantization_config.tensor_parallel_sizes={list(self.tensor_parallel_sizes)} does "
+                f"not match r4_size={self.r4_size} and intermediate_size {intermediate_size}: the "
+                f"degrees whose shard ({intermediate_size} / t columns) holds whole R4 blocks are "
+                f"{list(derived)}")
+
     @property
     def resolved(self) -> bool:
-        """Whether both online Hadamard sizes are known (no ``None`` left)."""
-        return self.r4_size is not None and self.r3_size is not None
+        """Whether the config is in checkpoint form: both online Hadamard sizes known (no
+        ``None`` left) and ``tensor_parallel_sizes`` absent or a recorded set (every divisor
+        of its largest degree, as :meth:`r4_tensor_parallel_sizes` gives), not a request."""
+        return (self.r4_size is not None and self.r3_size is not None
+                and self._tp_sizes_recorded())
+
+    def _tp_sizes_recorded(self) -> bool:
+        v = self.tensor_parallel_sizes
+        return v is None or v == tuple(t for t in range(1, v[-1] + 1) if v[-1] % t == 0)
 
     def require_resolved(self, where: str) -> None:
         """Raise ``ValueError`` naming ``where`` and the unresolved field unless :attr:`resolved`."""
@@ -234,6 +299,12 @@ class SpinQuantConfig:
                     f"{where} needs SpinQuantConfig.{name} as an int (the resolved block size, "
                     f"0 = not applied), got None (\"derive from the model\"): resolve it with "
                     f"spinquant_offline.pipeline.resolve_config(model, cfg)")
+        if not self._tp_sizes_recorded():
+            raise ValueError(
+                f"{where} needs SpinQuantConfig.tensor_parallel_sizes as recorded (every divisor "
+                f"of the largest degree: the degrees the R4 blocks fit), got the request "
+                f"{list(self.tensor_parallel_sizes)}: resolve it with "
+                f"spinquant_offline.pipeline.resolve_config(model, cfg)")
 
     # -- presets --------------------------------------------------------------
     @classmethod
@@ -263,6 +334,8 @@ class SpinQuantConfig:
                 v = v.value
             elif isinstance(v, tuple):
                 v = list(v)
+            if f.name == "tensor_parallel_sizes" and v is None:
+                continue  # not recorded: the form of checkpoints from before the field
             d[f.name] = v
         return d
 

@@ -216,3 +216,55 @@ def test_fresh_prompt_attention_is_chosen_by_device_and_dtype(monkeypatch):
         assert impl._fresh_varlen(cuda, torch.bfloat16) is flash
         assert impl._fresh_varlen(cuda, torch.float32) is None
     assert calls == [("cuda", torch.bfloat16), ("cuda", torch.float32)]
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_kv_heads_split_across_ranks_match_tp1(tp):
+    """Tensor parallelism hands each rank's Attention layer its own heads (vLLM's Llama: query
+    heads 8/tp; kv heads 4/tp, or at tp 8 one kv head replicated on two ranks). Each rank's
+    cache write gives the TP=1 cache of its kv heads bit for bit (quantization and R3 are per
+    (token, kv head)), and its attention the TP=1 output of its query heads (bit for bit while
+    the query group per kv head is the same)."""
+    vc = _vllm_config()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    Hq, Hkv, D, bs, nb = 8, 4, 64, 16, 6
+    cfg = SpinQuantConfig(r3_size=64)
+    g = torch.Generator().manual_seed(5)
+    q_lens = [19, 6]
+    T = sum(q_lens)
+    q = torch.randn(T, Hq, D, generator=g).to(dev)
+    k = torch.randn(T, Hkv, D, generator=g).to(dev)
+    v = torch.randn(T, Hkv, D, generator=g).to(dev)
+    block_table = torch.tensor([[4, 1], [0, 3]], dtype=torch.int32, device=dev)
+    seq_lens = torch.tensor(q_lens, dtype=torch.int32, device=dev)
+    slots = torch.cat([block_table[i].cpu().long()[p // bs] * bs + p % bs
+                       for i, p in enumerate(torch.arange(L) for L in q_lens)]).to(dev)
+    cu = torch.tensor([0, 19, 25], dtype=torch.int32, device=dev)
+    meta = types.SimpleNamespace(num_actual_tokens=T, max_query_len=19, query_start_loc=cu,
+                                 seq_lens=seq_lens, block_table=block_table, slot_mapping=slots)
+
+    def run(hq, hkv, q_, k_, v_):
+        layer, prefix = _layer(vc, num_heads=hq, head_size=D, num_kv_heads=hkv)
+        sa.get_attention_quant_method(layer, prefix, cfg)
+        cache = torch.zeros(sa.SpinQuantKV4Backend.get_kv_cache_shape(nb, bs, hkv, D),
+                            dtype=torch.uint8, device=dev)
+        layer.impl.do_kv_cache_update(layer, k_, v_, cache, slots)
+        out = torch.zeros(T, hq, D, device=dev)
+        layer.impl.forward(layer, q_, k_, v_, cache, meta, out)
+        return cache, out
+
+    cache1, out1 = run(Hq, Hkv, q, k, v)
+    hq, hkv = Hq // tp, max(1, Hkv // tp)
+    for rank in range(tp):
+        qh = slice(rank * hq, (rank + 1) * hq)
+        kv0 = rank * hq * Hkv // Hq               # the kv head of this rank's first query head
+        kvh = slice(kv0, kv0 + hkv)
+        cache, out = run(hq, hkv, q[:, qh].contiguous(), k[:, kvh].contiguous(),
+                         v[:, kvh].contiguous())
+        assert torch.equal(cache, cache1[:, kvh]), (tp, rank)
+        if hq // hkv == Hq // Hkv:
+            assert torch.equal(out, out1[:, qh]), (tp, rank)
+        else:
+            # a replicated kv head serves one query head here, two at TP=1: the kernels
+            # tile the group differently, so the float sums run in another order
+            torch.testing.assert_close(out, out1[:, qh], rtol=1e-5, atol=1e-6)

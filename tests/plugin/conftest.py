@@ -197,6 +197,51 @@ def tp_rank(monkeypatch):
     return set_
 
 
+def build_tp_layers(qc, sd: dict[str, torch.Tensor], shape: TinyShape = TinyShape(),
+                    layer_idx: int = 0) -> dict[str, torch.nn.Module]:
+    """qkv / o / gate_up / down of layer ``layer_idx`` built as vLLM's Llama builds them (on the
+    tensor-parallel rank vLLM currently believes in, see ``tp_rank``) and fed the checkpoint
+    tensors ``sd`` through their loaders (shard ids q/k/v and 0/1 on the fused layers).
+    Keyed by the vLLM name within the layer (``self_attn.qkv_proj``)."""
+    from vllm.model_executor.layers.linear import (
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        RowParallelLinear,
+    )
+
+    p = f"model.layers.{layer_idx}"
+    H, I, hd = shape.hidden, shape.intermediate, shape.head_dim
+    kw = dict(quant_config=qc, params_dtype=torch.bfloat16, bias=False)
+    layers = {
+        "self_attn.qkv_proj": QKVParallelLinear(H, hd, shape.heads, shape.kv_heads,
+                                                prefix=f"{p}.self_attn.qkv_proj", **kw),
+        "self_attn.o_proj": RowParallelLinear(shape.heads * hd, H, prefix=f"{p}.self_attn.o_proj", **kw),
+        "mlp.gate_up_proj": MergedColumnParallelLinear(H, [I, I], prefix=f"{p}.mlp.gate_up_proj", **kw),
+        "mlp.down_proj": RowParallelLinear(I, H, prefix=f"{p}.mlp.down_proj", **kw),
+    }
+    parts = {"self_attn.qkv_proj": (("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"),
+                                    ("self_attn.v_proj", "v")),
+             "self_attn.o_proj": (("self_attn.o_proj", None),),
+             "mlp.gate_up_proj": (("mlp.gate_proj", 0), ("mlp.up_proj", 1)),
+             "mlp.down_proj": (("mlp.down_proj", None),)}
+    for vname, layer in layers.items():
+        for part, shard in parts[vname]:
+            for suffix in (fmt.QWEIGHT_SUFFIX, fmt.SCALE_SUFFIX):
+                param = getattr(layer, suffix)
+                t = sd[f"{p}.{part}.{suffix}"]
+                if shard is None:
+                    param.weight_loader(param, t)
+                else:
+                    param.weight_loader(param, t, shard)
+    return layers
+
+
+@pytest.fixture
+def tp_layers():
+    """:func:`build_tp_layers`."""
+    return build_tp_layers
+
+
 @pytest.fixture
 def ckpt():
     """Checkpoint helpers: ``ckpt.write(out_dir, cfg, shape, seed, drop)``, ``ckpt.Shape``."""

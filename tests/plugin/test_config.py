@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -174,6 +175,27 @@ def test_engine_config_checks_r4_against_intermediate_size(tmp_path, ckpt):
     mc = ModelConfig(model=str(tmp_path), skip_tokenizer_init=True)
     with pytest.raises(Exception, match=r"r4_size=48.*intermediate_size \(128\)"):
         VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"), load_config=LoadConfig())
+
+
+def test_engine_config_checks_recorded_tensor_parallel_sizes(tmp_path, ckpt):
+    """quantization_config.tensor_parallel_sizes is derived from r4_size and the model's
+    intermediate_size; a recorded set that disagrees (an edited config) is refused before any
+    weight is allocated, and a consistent one loads (as does one without the key)."""
+    from vllm.config import DeviceConfig, LoadConfig, ModelConfig, VllmConfig
+
+    base = fmt.SpinQuantConfig.from_preset("W4A4KV16", r4_size=32)      # 128 / 32 = 4
+    for tps, ok in ((None, True), ((1, 2, 4), True), ((1, 2, 4, 8), False), ((1, 2), False)):
+        d = tmp_path / str(tps)
+        ckpt.write(str(d), dataclasses.replace(base, tensor_parallel_sizes=tps))
+        mc = ModelConfig(model=str(d), skip_tokenizer_init=True)
+        build = lambda: VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"),  # noqa: E731
+                                   load_config=LoadConfig())
+        if ok:
+            assert build().quant_config.cfg.tensor_parallel_sizes == tps
+        else:
+            with pytest.raises(Exception, match=re.escape(f"tensor_parallel_sizes={list(tps)}")
+                               + r".*r4_size=32 and intermediate_size 128.*\[1, 2, 4\]"):
+                build()
 
 
 # ----------------------------------------------------------------------------

@@ -212,102 +212,112 @@ def test_apply_adds_bias_and_handles_empty_batches(vllm_ctx):
 
 
 # ----------------------------------------------------------------------------
-# tensor parallelism
+# tensor parallelism (every rank of a group simulated in turn: loading and apply only)
 # ----------------------------------------------------------------------------
-def _build_and_load(qc, sd, layer_idx=0):
-    """Build qkv / gate_up / o / down as vLLM's Llama does and feed them the checkpoint tensors."""
-    from vllm.model_executor.layers.linear import (
-        MergedColumnParallelLinear,
-        QKVParallelLinear,
-        RowParallelLinear,
-    )
-
-    p = f"model.layers.{layer_idx}"
-    kw = dict(quant_config=qc, params_dtype=torch.bfloat16, bias=False)
-    layers = {
-        "self_attn.qkv_proj": QKVParallelLinear(64, 16, 4, 2, prefix=f"{p}.self_attn.qkv_proj", **kw),
-        "self_attn.o_proj": RowParallelLinear(64, 64, prefix=f"{p}.self_attn.o_proj", **kw),
-        "mlp.gate_up_proj": MergedColumnParallelLinear(64, [128, 128], prefix=f"{p}.mlp.gate_up_proj", **kw),
-        "mlp.down_proj": RowParallelLinear(128, 64, prefix=f"{p}.mlp.down_proj", **kw),
-    }
-    shard_ids = {"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": (0, 1)}
-    for vname, layer in layers.items():
-        for j, part in enumerate(FUSED[vname]):
-            for suffix in ("qweight", "weight_scale"):
-                param = getattr(layer, suffix)
-                t = sd[f"{p}.{part}.{suffix}"]
-                if vname in shard_ids:
-                    param.weight_loader(param, t, shard_ids[vname][j])
-                else:
-                    param.weight_loader(param, t)
-    return layers
+def _rank_rows(shape, tp: int, rank: int) -> dict[str, tuple[int, int]]:
+    """Rows of each column-parallel checkpoint tensor rank ``rank`` of ``tp`` holds (vLLM's rule:
+    query heads split evenly; kv heads split, or replicated when tp exceeds them)."""
+    hd, I = shape.head_dim, shape.intermediate
+    q = shape.heads // tp
+    kv0, nkv = (rank * shape.kv_heads // tp, shape.kv_heads // tp) if tp <= shape.kv_heads \
+        else (rank * shape.kv_heads // tp, 1)
+    return {"self_attn.q_proj": (rank * q * hd, (rank + 1) * q * hd),
+            "self_attn.k_proj": (kv0 * hd, (kv0 + nkv) * hd),
+            "self_attn.v_proj": (kv0 * hd, (kv0 + nkv) * hd),
+            "mlp.gate_proj": (rank * I // tp, (rank + 1) * I // tp),
+            "mlp.up_proj": (rank * I // tp, (rank + 1) * I // tp)}
 
 
-def test_tp_rank1_of_2_loads_its_shard(vllm_ctx, tp_rank, ckpt, tmp_path, sqnr):
+@pytest.mark.parametrize("tp, r4", [(2, 64), (4, 32), (4, 16)])
+def test_tp_ranks_load_their_shards_and_sum_to_the_tp1_layer(vllm_ctx, tp_rank, tp_layers, ckpt,
+                                                             tmp_path, sqnr, tp, r4):
+    """TP 2 and 4 (kv heads replicated at 4): each rank's qweight / weight_scale are its slice
+    of the checkpoint; column-parallel outputs are the TP=1 outputs' columns bit for bit;
+    row-parallel partial products (the per-rank R4 blocks on down_proj) add up to the TP=1
+    product: exactly in float64 without activation quantization, above an SQNR floor with it."""
     from spinquant_vllm.config import SpinQuantVllmConfig
 
-    cfg = fmt.SpinQuantConfig.from_preset("W4A4KV16", r4_size=64)
-    sd = ckpt.write(str(tmp_path), cfg)
+    shape = ckpt.Shape()
+    cfg = fmt.SpinQuantConfig.from_preset("W4A4KV16", r4_size=r4)
+    sd = ckpt.write(str(tmp_path), cfg, shape)
     qc = SpinQuantVllmConfig(cfg, backends=("reference",))
-    by_rank = {}
-    for rank in (0, 1):
-        tp_rank(rank, 2)
-        by_rank[rank] = _build_and_load(qc, sd)
+    tp_rank(0, 1)
+    whole = tp_layers(qc, sd, shape)
+    by_rank = []
+    for rank in range(tp):
+        tp_rank(rank, tp)
+        by_rank.append(tp_layers(qc, sd, shape))
     L = "model.layers.0"
-    r1 = by_rank[1]
-
-    def rows(name, lo, hi, suffix="qweight"):
-        return sd[f"{L}.{name}.{suffix}"][lo:hi]
-
-    # column parallel, fused: rank 1 holds query heads 2-3 and kv head 1 (16 rows each)
-    for suffix in ("qweight", "weight_scale"):
-        want = torch.cat([rows("self_attn.q_proj", 32, 64, suffix), rows("self_attn.k_proj", 16, 32, suffix),
-                          rows("self_attn.v_proj", 16, 32, suffix)])
-        assert torch.equal(getattr(r1["self_attn.qkv_proj"], suffix).data, want)
-        want = torch.cat([rows("mlp.gate_proj", 64, 128, suffix), rows("mlp.up_proj", 64, 128, suffix)])
-        assert torch.equal(getattr(r1["mlp.gate_up_proj"], suffix).data, want)
-    # row parallel: rank 1 holds input columns [K/2, K) = bytes [K/4, K/2) of every row, all scales
-    for name, K in (("self_attn.o_proj", 64), ("mlp.down_proj", 128)):
-        layer = r1[name]
-        assert torch.equal(layer.qweight.data, sd[f"{L}.{name}.qweight"][:, K // 4:])
-        assert torch.equal(layer.weight_scale.data, sd[f"{L}.{name}.weight_scale"])
-        codes = fmt.unpack_int4(layer.qweight.data)
-        assert torch.equal(codes, fmt.unpack_int4(sd[f"{L}.{name}.qweight"])[:, K // 2:])
-
-    # the row-parallel down_proj: each rank's R4 blocks (64) lie inside its 64 columns, so
-    # the partial sums of both ranks add up to the layer's product (activation scales are
-    # per token and shard, so this is a lossy comparison)
-    g = torch.Generator().manual_seed(GEN_SEED)
-    x = torch.randn(6, 128, generator=g).to(torch.bfloat16)
-    partial = []
-    for rank in (0, 1):
-        layer = by_rank[rank]["mlp.down_proj"]
-        assert layer.quant_method.had_size == 64
+    for layer in [*whole.values(), *(lay for r in by_rank for lay in r.values())]:
         layer.quant_method.process_weights_after_loading(layer)
-        xs = x[:, rank * 64:(rank + 1) * 64]
-        y = layer.quant_method.apply(layer, xs)
-        codes = fmt.unpack_int4(layer.qweight.data)
-        assert torch.equal(y, runtime_math_ref(xs, codes, layer.weight_scale.data, 4, 64))
-        partial.append(y.double())
-    full_codes = fmt.unpack_int4(sd[f"{L}.mlp.down_proj.qweight"])
-    full = float_ref(x, full_codes, sd[f"{L}.mlp.down_proj.weight_scale"], 64)
-    assert sqnr(full, partial[0] + partial[1]) > 12
+
+    g = torch.Generator().manual_seed(GEN_SEED)
+    for rank, layers in enumerate(by_rank):
+        rows = _rank_rows(shape, tp, rank)
+        # column parallel, fused: this rank's rows of each part, in the fused order
+        for vname in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+            for suffix in ("qweight", "weight_scale"):
+                want = torch.cat([sd[f"{L}.{part}.{suffix}"][slice(*rows[part])]
+                                  for part in FUSED[vname]])
+                assert torch.equal(getattr(layers[vname], suffix).data, want), (vname, suffix)
+            x = torch.randn(5, shape.hidden, generator=g).to(torch.bfloat16)
+            y1 = whole[vname].quant_method.apply(whole[vname], x)
+            cols = torch.cat([torch.arange(*rows[part]) + sum(sd[f"{L}.{p}.qweight"].shape[0]
+                                                              for p in FUSED[vname][:j])
+                              for j, part in enumerate(FUSED[vname])])
+            assert torch.equal(layers[vname].quant_method.apply(layers[vname], x), y1[:, cols])
+        # row parallel: bytes [r K/(2t), (r+1) K/(2t)) of every packed row, all scales
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            K = sd[f"{L}.{name}.qweight"].shape[1] * fmt.PACK_FACTOR
+            b = K // fmt.PACK_FACTOR // tp
+            assert torch.equal(layers[name].qweight.data, sd[f"{L}.{name}.qweight"][:, rank * b:(rank + 1) * b])
+            assert torch.equal(layers[name].weight_scale.data, sd[f"{L}.{name}.weight_scale"])
+            assert layers[name].quant_method.had_size == (r4 if name == "mlp.down_proj" else 0)
+
+    for name in ("self_attn.o_proj", "mlp.down_proj"):
+        had = r4 if name == "mlp.down_proj" else 0
+        K = sd[f"{L}.{name}.qweight"].shape[1] * fmt.PACK_FACTOR
+        x = torch.randn(6, K, generator=g).to(torch.bfloat16)
+        full_codes, scale = fmt.unpack_int4(sd[f"{L}.{name}.qweight"]), sd[f"{L}.{name}.weight_scale"]
+        exact, lossy = [], []
+        for rank, layers in enumerate(by_rank):
+            layer, xs = layers[name], x[:, rank * K // tp:(rank + 1) * K // tp]
+            codes = fmt.unpack_int4(layer.qweight.data)
+            y = layer.quant_method.apply(layer, xs)
+            assert torch.equal(y, runtime_math_ref(xs, codes, layer.weight_scale.data, 4, had))
+            lossy.append(y.double())
+            exact.append(float_ref(xs, codes, layer.weight_scale.data, had))
+        full = float_ref(x, full_codes, scale, had)
+        torch.testing.assert_close(sum(exact), full, rtol=1e-12, atol=1e-10)
+        # activation scales are per token and shard: close to, not equal to, TP=1
+        assert sqnr(full, sum(lossy)) > 12, name
+    # the sum above can tell the blocks apart: the whole-intermediate Hadamard gives another product
+    xd = torch.randn(3, shape.intermediate, generator=g, dtype=torch.float64)
+    codes = fmt.unpack_int4(sd[f"{L}.mlp.down_proj.qweight"])
+    scale = sd[f"{L}.mlp.down_proj.weight_scale"]
+    wrong = float_ref(xd, codes, scale, shape.intermediate)
+    assert (wrong - float_ref(xd, codes, scale, r4)).abs().max() > 1e-3
 
 
-def test_r4_over_sharded_intermediate_fails_at_start(vllm_ctx, tp_rank):
+@pytest.mark.parametrize("recorded", [False, True])
+def test_r4_over_sharded_intermediate_fails_at_start(vllm_ctx, tp_rank, recorded):
     from vllm.model_executor.layers.linear import RowParallelLinear
 
     from spinquant_vllm.config import SpinQuantVllmConfig
 
-    qc = SpinQuantVllmConfig(fmt.SpinQuantConfig.from_preset("W4A4KV16", r4_size=128))
-    tp_rank(0, 2)
-    with pytest.raises(ValueError, match=r"r4_size=128.*tensor parallel size 2.*64 columns"):
+    cfg = fmt.SpinQuantConfig.from_preset("W4A4KV16", r4_size=64)
+    if recorded:  # a checkpoint of the offline stage records the degrees
+        cfg = dataclasses.replace(cfg, tensor_parallel_sizes=cfg.r4_tensor_parallel_sizes(128))
+    qc = SpinQuantVllmConfig(cfg)
+    tp_rank(0, 4)
+    with pytest.raises(ValueError, match=r"r4_size=64.*\(128\).*tensor parallel size 4.*32 columns.*"
+                                         r"tensor parallel sizes \[1, 2\].*--tensor-parallel-sizes 4"):
         RowParallelLinear(128, 64, quant_config=qc, params_dtype=torch.bfloat16, bias=False,
                           prefix="model.layers.0.mlp.down_proj")
     # o_proj has no R4: it shards freely
     layer = RowParallelLinear(128, 64, quant_config=qc, params_dtype=torch.bfloat16, bias=False,
                               prefix="model.layers.0.self_attn.o_proj")
-    assert tuple(layer.qweight.shape) == (64, 32)
+    assert tuple(layer.qweight.shape) == (64, 16)
 
 
 # ----------------------------------------------------------------------------
